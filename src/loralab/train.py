@@ -1,0 +1,138 @@
+"""The training loop: AdamW + warmup/decay schedule + gradient accumulation, through accelerate.
+
+A loop of our own (≈100 lines) rather than HF Trainer: variants need their own optimizer groups (LoRA+),
+data-dependent init before training (LoRA-GA), and the loop must stop at the exact step a loss turns
+non-finite. accelerate keeps it device-, precision- and multi-GPU-ready (`accelerate launch run.py ...`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from loralab.config import TrainConfig
+from loralab.tasks import TaskData
+from loralab.trackers import Tracker
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite training loss {value} at optimizer step {step}")
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[step, value], ...]
+    steps: int = 0
+    train_time_s: float = 0.0
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=cfg.device == "cpu",
+    )
+
+
+def total_steps(cfg: TrainConfig, n_train: int, world_size: int = 1) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_train / (cfg.batch_size * world_size)) / cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator, desc: str, progress: bool) -> dict[str, float]:
+    model.eval()
+    preds, labels, loss_sum, n = [], [], 0.0, 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not (progress and accelerator.is_main_process)):
+        out = model(**batch)
+        logits, y = accelerator.gather_for_metrics((out.logits, batch["labels"]))
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        n += len(y)
+        preds.append(logits.argmax(-1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    model.train()
+    p, y = np.concatenate(preds), np.concatenate(labels)
+    return {"accuracy": float(accuracy_score(y, p)), "macro_f1": float(f1_score(y, p, average="macro")), "loss": loss_sum / n}
+
+
+def train(model, variant, data: TaskData, cfg: TrainConfig, seed: int, tracker: Tracker, accelerator: Accelerator,
+          checkpoint_dir: Path | None = None) -> TrainResult:
+    gen = torch.Generator().manual_seed(seed)  # the run seed fixes the shuffling order
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=data.collate,
+                              generator=gen, num_workers=cfg.num_workers, drop_last=len(data.train) > cfg.batch_size)
+    eval_loaders = {
+        split: DataLoader(getattr(data, split), batch_size=cfg.eval_batch_size, collate_fn=data.collate)
+        for split in ("val", "test")
+    }
+    steps = total_steps(cfg, len(data.train), accelerator.num_processes)
+    optimizer = torch.optim.AdamW(variant.param_groups(model, cfg.lr, cfg.weight_decay))
+    # stepped by hand once per optimizer step (accelerate would step it once per process)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
+    eval_loaders = dict(zip(eval_loaders, loaders))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    result = TrainResult(metrics={}, curves={"train/loss": [], "train/lr": [], "val/accuracy": [], "val/loss": []})
+    show = cfg.progress and accelerator.is_main_process
+    bar = tqdm(total=steps, desc="train", disable=not show)
+    start, step, epoch, window = time.perf_counter(), 0, 0, []
+    model.train()
+    while step < steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(step + 1, loss.item())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(loss.item())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            scheduler.step()
+            loss_value = float(np.mean(window))
+            window = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            result.curves["train/loss"].append([step, loss_value])
+            result.curves["train/lr"].append([step, scheduler.get_last_lr()[0]])
+            if step % cfg.log_every == 0 or step == steps:
+                tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "epoch": epoch}, step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
+                val = evaluate(model, eval_loaders["val"], accelerator, "val", show)
+                result.curves["val/accuracy"].append([step, val["accuracy"]])
+                result.curves["val/loss"].append([step, val["loss"]])
+                tracker.log({f"val/{k}": v for k, v in val.items()}, step)
+            if checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                accelerator.save_state(str(checkpoint_dir / f"step_{step}"))
+            if step >= steps:
+                break
+        epoch += 1
+    bar.close()
+    result.steps, result.train_time_s = step, time.perf_counter() - start
+    for split, loader in eval_loaders.items():
+        metrics = evaluate(model, loader, accelerator, split, show)
+        result.metrics.update({f"{split}/{k}": v for k, v in metrics.items()})
+    result.curves["val/accuracy"].append([step, result.metrics["val/accuracy"]])
+    result.curves["val/loss"].append([step, result.metrics["val/loss"]])
+    tracker.log(result.metrics, step)
+    return result

@@ -1,0 +1,76 @@
+"""Bad input fails with a message naming the value and what is allowed, before weights or data are loaded."""
+
+import pytest
+
+from loralab.config import ConfigError
+from loralab.runner import check_inputs
+from loralab.variants import get_variant
+
+
+def test_unknown_variant_name_in_code():
+    with pytest.raises(ConfigError, match=r"unknown variant 'lorra'; known variants: \['full', 'lora'\]"):
+        get_variant("lorra")
+
+
+def test_rank_larger_than_the_matrix(compose_cfg):
+    # tiny_bert: query/value are 32x32
+    with pytest.raises(ConfigError) as err:
+        check_inputs(compose_cfg("model=tiny_bert", "rank=33"))
+    msg = str(err.value)
+    assert "rank=33 exceeds min(out, in)=32" in msg and "attention.self.query" in msg and "rank <= 32" in msg
+
+
+def test_rank_equal_to_the_matrix_size_is_allowed(compose_cfg):
+    _, targets = check_inputs(compose_cfg("model=tiny_bert", "rank=32"))
+    assert len(targets) == 4  # 2 layers x {query, value}
+
+
+def test_conv_kernel_rank_bound(compose_cfg):
+    # downsampling conv of tiny_convnext: 32 x (16*2*2)=64 -> bound 32; pwconv2 is 16 x 64 -> bound 16
+    with pytest.raises(ConfigError, match=r"rank=17 exceeds min\(out, in\)=16"):
+        check_inputs(compose_cfg("model=tiny_convnext", "task=digits_transfer", "rank=17"))
+
+
+def test_target_modules_matching_nothing_lists_existing_layers(compose_cfg):
+    with pytest.raises(ConfigError) as err:
+        check_inputs(compose_cfg("model=tiny_bert", "model.target_modules=[query,valeu]"))
+    msg = str(err.value)
+    assert "['valeu'] match no adaptable layer" in msg
+    for layer in ("attention.self.query", "attention.self.value", "attention.output.dense", "intermediate.dense"):
+        assert layer in msg
+
+
+def test_paper_model_on_meta_device_is_checked_without_weights(compose_cfg):
+    """The 7B-class check path: the skeleton lives on the meta device, so no memory is used."""
+    from loralab.models import build_skeleton
+
+    cfg = compose_cfg("model=tiny_llama")
+    skeleton = build_skeleton(cfg.model, 2)
+    assert all(p.is_meta for p in skeleton.parameters())
+
+
+def test_missing_head_module(compose_cfg):
+    with pytest.raises(ConfigError, match=r"head_modules \['clasifier'\] do not exist"):
+        check_inputs(compose_cfg("model=tiny_bert", "model.head_modules=[clasifier]"))
+
+
+def test_missing_local_dataset_path(compose_cfg, tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(ConfigError, match=f"data_path='{missing}'.*does not exist"):
+        check_inputs(compose_cfg(f"task.data_path={missing}"))
+
+
+def test_missing_package_for_model(compose_cfg):
+    with pytest.raises(ConfigError, match="Python package 'not_a_pkg' is not installed"):
+        check_inputs(compose_cfg("model.path=pkg://not_a_pkg/model"))
+
+
+def test_dataset_with_wrong_columns(compose_cfg, tmp_path):
+    from loralab.models import build_tokenizer
+    from loralab.tasks import load_task
+
+    bad = tmp_path / "tweets.csv"
+    bad.write_text("label,tweet\npositive,hello\n")
+    cfg = compose_cfg("model=tiny_bert", f"task.data_path={bad}")
+    with pytest.raises(ConfigError, match=r"lacks columns \['sentiment', 'confidence', 'text'\]"):
+        load_task(cfg.task, build_tokenizer(cfg.model))

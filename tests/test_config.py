@@ -1,0 +1,116 @@
+"""Every config group composes into the typed schema; typos and wrong types fail at composition."""
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from loralab.config import CHOICES, ConfigError, LoggerConfig, ModelConfig, TaskConfig, VariantConfig, validate
+from loralab.variants import VARIANTS
+
+from conftest import CONF
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+VARIANT_FILES = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
+LOGGERS = sorted(p.stem for p in (CONF / "logger").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_groups_are_not_empty():
+    assert {"minilm", "convnext_digits", "tiny_t5", "tiny_llama", "tiny_roberta", "tiny_deberta",
+            "tiny_convnext"} <= set(MODELS)
+    assert {"tweet_sentiment", "digits_transfer"} <= set(TASKS)
+    assert {"lora", "full"} <= set(VARIANT_FILES) and set(VARIANT_FILES) == set(VARIANTS)
+    assert set(LOGGERS) == {"wandb", "none"}
+
+
+def test_default_config(compose_cfg):
+    cfg = compose_cfg()
+    assert (cfg.model.name, cfg.task.name, cfg.variant.name, cfg.rank, cfg.logger.name) == (
+        "minilm", "tweet_sentiment", "lora", 8, "wandb")
+    assert cfg.logger.mode == "offline"
+    assert cfg.train.lr == cfg.variant.lr == 5e-4
+    validate(cfg)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes_typed(compose_cfg, model):
+    cfg = compose_cfg(f"model={model}")
+    assert issubclass(OmegaConf.get_type(cfg.model), ModelConfig)
+    assert cfg.model.name == model
+    task = "digits_transfer" if cfg.model.modality == "image" else "tweet_sentiment"
+    validate(compose_cfg(f"model={model}", f"task={task}"))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_composes_typed(compose_cfg, task):
+    cfg = compose_cfg(f"task={task}")
+    assert issubclass(OmegaConf.get_type(cfg.task), TaskConfig) and cfg.task.name == task
+
+
+@pytest.mark.parametrize("variant", VARIANT_FILES)
+def test_every_variant_composes_with_its_schema(compose_cfg, variant):
+    cfg = compose_cfg(f"variant={variant}")
+    assert OmegaConf.get_type(cfg.variant) is VARIANTS[variant].config_class
+    assert issubclass(OmegaConf.get_type(cfg.variant), VariantConfig)
+    assert cfg.train.lr == cfg.variant.lr
+
+
+@pytest.mark.parametrize("logger", LOGGERS)
+def test_every_logger_composes(compose_cfg, logger):
+    assert issubclass(OmegaConf.get_type(compose_cfg(f"logger={logger}").logger), LoggerConfig)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_composes_and_validates(compose_cfg, experiment):
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert cfg.experiment_name == experiment
+    validate(cfg)
+
+
+def test_user_lr_overrides_variant_default(compose_cfg):
+    assert compose_cfg("variant=full").train.lr == 5e-5
+    assert compose_cfg("variant=full", "train.lr=1e-3").train.lr == 1e-3
+
+
+def test_unknown_variant_lists_the_options(compose_cfg):
+    with pytest.raises(MissingConfigException) as err:
+        compose_cfg("variant=lorra")
+    assert "lorra" in str(err.value) and "lora" in str(err.value) and "full" in str(err.value)
+
+
+@pytest.mark.parametrize("group", ["model", "task"])
+def test_unknown_model_or_task_lists_the_options(compose_cfg, group):
+    with pytest.raises(MissingConfigException) as err:
+        compose_cfg(f"{group}=nope")
+    assert "nope" in str(err.value) and ("minilm" in str(err.value) or "tweet_sentiment" in str(err.value))
+
+
+def test_typo_in_a_key_fails_at_composition(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg("variant.alpah=8")
+    assert "alpah" in str(err.value.__cause__ or err.value)
+
+
+def test_wrong_type_fails_at_composition(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg("rank=eight")
+    assert isinstance(err.value.__cause__, (ValidationError, ConfigKeyError))
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_choice_field_rejects_unknown_values(compose_cfg, key):
+    with pytest.raises(ConfigError, match=f"{key}='bogus'"):
+        validate(compose_cfg(f"{key}=bogus"))
+
+
+@pytest.mark.parametrize("rank", [0, -3])
+def test_non_positive_rank(compose_cfg, rank):
+    with pytest.raises(ConfigError, match=f"rank={rank} must be a positive integer"):
+        validate(compose_cfg(f"rank={rank}"))
+
+
+def test_model_task_modality_mismatch(compose_cfg):
+    with pytest.raises(ConfigError, match="needs a image model, but model 'minilm' is a text model"):
+        validate(compose_cfg("task=digits_transfer"))
