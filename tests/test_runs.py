@@ -66,7 +66,7 @@ def test_wandb_offline_run_reads_back(compose_cfg, tmp_path):
     record = run_job(compose_cfg(*TINY_TEXT, "experiment_name=wb"), overrides=["rank=8"], group="wb/sweep1")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
-    assert run["group"] == "wb/sweep1" and run["name"] == "" or run["name"] == "default"
+    assert run["group"] == "wb/sweep1" and run["name"] == "rank=8"
     assert set(run["tags"]) == {"model:tiny_bert", "task:tweet_sentiment", "variant:lora", "rank:8", "seed:0"}
     assert run["config"]["model"]["name"] == "tiny_bert" and run["config"]["rank"] == 8
     logged = [row["train/loss"] for row in run["history"] if "train/loss" in row]
@@ -83,8 +83,11 @@ def test_sweep_writes_results_and_wandb_runs_then_skips(tmp_path):
     files = result_files(tmp_path / "results")
     assert len(files) == 4 and all(json.loads(f.read_text())["status"] == "completed" for f in files)
     runs = [read_offline_run(d) for d in (tmp_path / "wandb").glob("offline-run-*")]
-    assert len(runs) == 4 and {r["name"] for r in runs} == {"rank=1,variant=lora", "rank=8,variant=lora",
-                                                            "rank=1,variant=full", "rank=8,variant=full"}
+    assert len(runs) == 4
+    assert {r["name"].split(",task.")[0] for r in runs} == {"model=tiny_bert,rank=1", "model=tiny_bert,rank=8"}
+    assert {(r["config"]["variant"]["name"], r["config"]["rank"]) for r in runs} == {
+        ("lora", 1), ("lora", 8), ("full", 1), ("full", 8)}
+    assert all(f"variant={r['config']['variant']['name']}" in r["name"] for r in runs)
     assert len({r["group"] for r in runs}) == 1 and runs[0]["group"].startswith("default/")
     assert "4 jobs, 0 failed" in proc.stdout and (tmp_path / "sweep" / "summary.csv").exists()
     frame = load_runs(tmp_path / "results")

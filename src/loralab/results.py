@@ -23,14 +23,15 @@ NON_SEMANTIC = ("logger", "overwrite", "save_weights", "paths", "train.progress"
                 "hydra")
 
 
-def override_tag(overrides: list[str]) -> str:
-    """The overrides that change what a run computes beyond the path keys, as one path-safe component."""
+def override_tag(overrides: list[str], keep_path_keys: bool = False) -> str:
+    """The overrides that change what a run computes, sorted, as one path-safe string. Without `keep_path_keys`
+    the keys that are path components already (model, variant, rank, ...) are left out too."""
+    skip = NON_SEMANTIC if keep_path_keys else NON_SEMANTIC + PATH_KEYS
     keep = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key in PATH_KEYS or any(key == k or key.startswith(k + ".") for k in NON_SEMANTIC):
-            continue
-        keep.append(item.lstrip("+"))
+        if not any(key == k or key.startswith(k + ".") for k in skip):
+            keep.append(item.lstrip("+"))
     return ",".join(sorted(keep)).replace("/", "_")
 
 

@@ -68,7 +68,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             variant, targets = check_inputs(cfg)
             accelerator = make_accelerator(cfg.train)
             tracker = make_tracker(
-                cfg.logger, group=group or cfg.experiment_name, name=override_tag(list(overrides)) or "default",
+                cfg.logger, group=group or cfg.experiment_name, name=override_tag(list(overrides), keep_path_keys=True) or "default",
                 tags=[f"model:{cfg.model.name}", f"task:{cfg.task.name}", f"variant:{cfg.variant.name}",
                       f"rank:{cfg.rank}", f"seed:{cfg.seed}"],
                 config=resolved, main_process=accelerator.is_main_process)
