@@ -19,8 +19,15 @@ from loralab.config import register_configs  # noqa: E402
 register_configs()
 
 # small, fast settings shared by the tests that train
-QUICK = ["train.max_steps=4", "train.eval_every=2", "train.batch_size=8", "train.eval_batch_size=64",
-         "task.n_val=40", "task.n_test=60", "train.progress=false"]
+QUICK = [
+    "train.max_steps=4",
+    "train.eval_every=2",
+    "train.batch_size=8",
+    "train.eval_batch_size=64",
+    "task.n_val=40",
+    "task.n_test=60",
+    "train.progress=false",
+]
 TINY_TEXT = ["model=tiny_bert", "task.n_train=64", *QUICK]
 
 
@@ -33,8 +40,12 @@ def compose_cfg(tmp_path):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return compose(
                 config_name="config",
-                overrides=[f"paths.results_dir={tmp_path}/results", f"paths.cache_dir={tmp_path}/cache",
-                           f"logger.dir={tmp_path}", *overrides],
+                overrides=[
+                    f"paths.results_dir={tmp_path}/results",
+                    f"paths.cache_dir={tmp_path}/cache",
+                    f"logger.dir={tmp_path}",
+                    *overrides,
+                ],
             )
 
     yield _compose
@@ -49,5 +60,6 @@ def cache_dir(tmp_path_factory):
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python run.py ...` in a subprocess (the way users run it), from the repository root."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -5,10 +5,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from conftest import CONF
 from loralab.config import CHOICES, ConfigError, LoggerConfig, ModelConfig, TaskConfig, VariantConfig, validate
 from loralab.variants import VARIANTS
-
-from conftest import CONF
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
@@ -18,8 +17,15 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def test_groups_are_not_empty():
-    assert {"minilm", "convnext_digits", "tiny_t5", "tiny_llama", "tiny_roberta", "tiny_deberta",
-            "tiny_convnext"} <= set(MODELS)
+    assert {
+        "minilm",
+        "convnext_digits",
+        "tiny_t5",
+        "tiny_llama",
+        "tiny_roberta",
+        "tiny_deberta",
+        "tiny_convnext",
+    } <= set(MODELS)
     assert {"tweet_sentiment", "digits_transfer"} <= set(TASKS)
     assert {"lora", "full"} <= set(VARIANT_FILES) and set(VARIANT_FILES) == set(VARIANTS)
     assert set(LOGGERS) == {"wandb", "none"}
@@ -28,7 +34,12 @@ def test_groups_are_not_empty():
 def test_default_config(compose_cfg):
     cfg = compose_cfg()
     assert (cfg.model.name, cfg.task.name, cfg.variant.name, cfg.rank, cfg.logger.name) == (
-        "minilm", "tweet_sentiment", "lora", 8, "wandb")
+        "minilm",
+        "tweet_sentiment",
+        "lora",
+        8,
+        "wandb",
+    )
     assert cfg.logger.mode == "offline"
     assert cfg.train.lr == cfg.variant.lr == 5e-4
     validate(cfg)

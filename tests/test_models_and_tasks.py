@@ -35,7 +35,9 @@ def test_tweet_sentiment_split_is_fixed_and_real(compose_cfg):
     tok = build_tokenizer(cfg.model)
     a, b = load_task(cfg.task, tok), load_task(cfg.task, tok)
     assert a.fingerprint == b.fingerprint
-    assert a.sizes["test"] == 2000 and a.sizes["val"] == 1000 and a.sizes["train"] == 16703  # 19,703 distinct pos/neg tweets
+    assert (
+        a.sizes["test"] == 2000 and a.sizes["val"] == 1000 and a.sizes["train"] == 16703
+    )  # 19,703 distinct pos/neg tweets
     labels = torch.tensor([e["labels"] for e in a.test])
     assert 0.2 < labels.float().mean() < 0.25  # 22% of the distinct pos/neg tweets are positive
     assert load_task(compose_cfg("model=tiny_bert", "task.split_seed=1").task, tok).fingerprint != a.fingerprint

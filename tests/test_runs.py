@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from conftest import QUICK, TINY_TEXT, run_cli
 from loralab.results import load_runs
 from loralab.runner import run_job
 from loralab.trackers import read_offline_run
-
-from conftest import QUICK, TINY_TEXT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -21,11 +20,19 @@ def result_files(root: Path) -> list[Path]:
 
 def test_default_run_quick_mode_on_real_model_and_data(tmp_path):
     """`python run.py` as a newcomer runs it (real MiniLM + tweets), shortened to a few steps."""
-    proc = run_cli(*QUICK, "train.max_steps=6", f"paths.results_dir={tmp_path}/results", "logger=none",
-                   cwd=tmp_path)
+    proc = run_cli(*QUICK, "train.max_steps=6", f"paths.results_dir={tmp_path}/results", "logger=none", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ("model : minilm", "task : tweet_sentiment", "variant : lora", "rank : 8", "trainable /",
-                 "test/accuracy :", "wall time :", "peak memory :", "result :"):
+    for line in (
+        "model : minilm",
+        "task : tweet_sentiment",
+        "variant : lora",
+        "rank : 8",
+        "trainable /",
+        "test/accuracy :",
+        "wall time :",
+        "peak memory :",
+        "result :",
+    ):
         assert line in proc.stdout, line
     (path,) = result_files(tmp_path / "results")
     record = json.loads(path.read_text())
@@ -76,8 +83,15 @@ def test_wandb_offline_run_reads_back(compose_cfg, tmp_path):
 
 
 def test_sweep_writes_results_and_wandb_runs_then_skips(tmp_path):
-    args = ["-m", "variant=lora,full", "rank=1,8", *TINY_TEXT, f"paths.results_dir={tmp_path}/results",
-            f"logger.dir={tmp_path}", "hydra.sweep.dir=" + str(tmp_path / "sweep")]
+    args = [
+        "-m",
+        "variant=lora,full",
+        "rank=1,8",
+        *TINY_TEXT,
+        f"paths.results_dir={tmp_path}/results",
+        f"logger.dir={tmp_path}",
+        "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+    ]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = result_files(tmp_path / "results")
@@ -86,7 +100,11 @@ def test_sweep_writes_results_and_wandb_runs_then_skips(tmp_path):
     assert len(runs) == 4
     assert {r["name"].split(",task.")[0] for r in runs} == {"model=tiny_bert,rank=1", "model=tiny_bert,rank=8"}
     assert {(r["config"]["variant"]["name"], r["config"]["rank"]) for r in runs} == {
-        ("lora", 1), ("lora", 8), ("full", 1), ("full", 8)}
+        ("lora", 1),
+        ("lora", 8),
+        ("full", 1),
+        ("full", 8),
+    }
     assert all(f"variant={r['config']['variant']['name']}" in r["name"] for r in runs)
     assert len({r["group"] for r in runs}) == 1 and runs[0]["group"].startswith("default/")
     assert "4 jobs, 0 failed" in proc.stdout and (tmp_path / "sweep" / "summary.csv").exists()
@@ -102,16 +120,30 @@ def test_sweep_writes_results_and_wandb_runs_then_skips(tmp_path):
 
 
 def test_failing_job_inside_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path):
-    proc = run_cli("-m", "rank=2,1000", *TINY_TEXT, "logger=none", f"paths.results_dir={tmp_path}/results",
-                   "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path)
+    proc = run_cli(
+        "-m",
+        "rank=2,1000",
+        *TINY_TEXT,
+        "logger=none",
+        f"paths.results_dir={tmp_path}/results",
+        "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     frame = load_runs(tmp_path / "results").set_index("rank")
     assert frame.loc[2, "status"] == "completed" and frame.loc[1000, "status"] == "failed"
     assert "rank=1000 exceeds min(out, in)=32" in frame.loc[1000, "error"]
     assert "2 jobs, 1 failed" in proc.stdout
     # a re-run retries the failed job (its result is not a completed one) and skips the completed one
-    again = run_cli("-m", "rank=2,1000", *TINY_TEXT, "logger=none", f"paths.results_dir={tmp_path}/results",
-                    "hydra.sweep.dir=" + str(tmp_path / "sweep2"), cwd=tmp_path)
+    again = run_cli(
+        "-m",
+        "rank=2,1000",
+        *TINY_TEXT,
+        "logger=none",
+        f"paths.results_dir={tmp_path}/results",
+        "hydra.sweep.dir=" + str(tmp_path / "sweep2"),
+        cwd=tmp_path,
+    )
     assert again.stdout.count("[loralab] skip:") == 1 and "2 jobs, 1 failed" in again.stdout
 
 
@@ -121,8 +153,9 @@ def test_single_failing_run_exits_nonzero_with_the_message(tmp_path):
 
 
 def test_digits_transfer_adapts_conv_kernels(compose_cfg):
-    cfg = compose_cfg("experiment=digits_transfer", "logger=none", "train.max_steps=30", "train.eval_every=0",
-                      "train.progress=false")
+    cfg = compose_cfg(
+        "experiment=digits_transfer", "logger=none", "train.max_steps=30", "train.eval_every=0", "train.progress=false"
+    )
     record = run_job(cfg)
     assert record["status"] == "completed"
     assert any(name.endswith("downsampling_layer.1") for name in record["adapted_layers"])

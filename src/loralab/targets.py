@@ -38,7 +38,7 @@ def find_targets(model: nn.Module, suffixes: list[str], exclude: list[str] = ())
 
 
 def matrix_shape(weight_shape) -> tuple[int, int]:
-    """(out, in) of a weight seen as a matrix; a conv kernel (out, in/groups, *k) counts as out x (in/groups * prod k)."""
+    """(out, in) of a weight seen as a matrix: a conv kernel (out, in/groups, *k) is out x (in/groups * prod k)."""
     return int(weight_shape[0]), int(math.prod(weight_shape[1:]))
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -37,14 +37,18 @@ class TaskData:
 def check_data_path(cfg: TaskConfig) -> None:
     """Fail before any model is loaded if a file-backed task's data is not where the config says."""
     if cfg.data_path is not None and not Path(resolve_path(cfg.data_path)).is_file():
-        raise ConfigError(f"task {cfg.name!r}: data_path={cfg.data_path!r} -> {resolve_path(cfg.data_path)} does not exist")
+        raise ConfigError(
+            f"task {cfg.name!r}: data_path={cfg.data_path!r} -> {resolve_path(cfg.data_path)} does not exist"
+        )
 
 
 def split_indices(labels: np.ndarray, cfg: TaskConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified, seeded (task.split_seed, not the run seed) split into train/val/test index arrays."""
     idx = np.arange(len(labels))
     if cfg.n_val + cfg.n_test >= len(idx):
-        raise ConfigError(f"task {cfg.name!r}: n_val={cfg.n_val} + n_test={cfg.n_test} leaves no training data of {len(idx)}")
+        raise ConfigError(
+            f"task {cfg.name!r}: n_val={cfg.n_val} + n_test={cfg.n_test} leaves no training data of {len(idx)}"
+        )
     rest, test = train_test_split(idx, test_size=cfg.n_test, stratify=labels, random_state=cfg.split_seed)
     train, val = train_test_split(rest, test_size=cfg.n_val, stratify=labels[rest], random_state=cfg.split_seed)
     if cfg.n_train is not None and cfg.n_train < len(train):
@@ -68,7 +72,9 @@ def load_tweet_sentiment(cfg: TaskConfig, tokenizer) -> TaskData:
         raise ConfigError(f"task {cfg.name!r}: {path} lacks columns {missing}; expected {list(TWEET_COLUMNS)}")
     unknown = sorted(set(cfg.labels) - set(frame.sentiment.unique()))
     if unknown:
-        raise ConfigError(f"task {cfg.name!r}: labels {unknown} not in the data; it has {sorted(frame.sentiment.unique())}")
+        raise ConfigError(
+            f"task {cfg.name!r}: labels {unknown} not in the data; it has {sorted(frame.sentiment.unique())}"
+        )
     frame = frame[frame.sentiment.isin(cfg.labels) & (frame.confidence >= cfg.min_confidence)]
     # retweets and copies would leak between splits
     frame = frame.dropna(subset=["text"]).drop_duplicates(subset="text").reset_index(drop=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class Tracker:
@@ -32,8 +33,15 @@ class WandbTracker(Tracker):
 
         Path(dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=project, entity=entity, mode=mode, dir=dir, group=group, name=name, tags=tags,
-            job_type=config.get("variant", {}).get("name"), config=config,
+            project=project,
+            entity=entity,
+            mode=mode,
+            dir=dir,
+            group=group,
+            name=name,
+            tags=tags,
+            job_type=config.get("variant", {}).get("name"),
+            config=config,
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
             reinit="create_new",
         )
@@ -58,8 +66,16 @@ def make_tracker(logger_cfg, *, group: str, name: str, tags: list[str], config: 
     if logger_cfg.name != "wandb":
         raise ValueError(f"unknown logger {logger_cfg.name!r}; known loggers: ['none', 'wandb']")
     mode = os.environ.get("WANDB_MODE", logger_cfg.mode)
-    return WandbTracker(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode, dir=logger_cfg.dir,
-                        group=logger_cfg.group or group, name=name, tags=tags, config=config)
+    return WandbTracker(
+        project=logger_cfg.project,
+        entity=logger_cfg.entity,
+        mode=mode,
+        dir=logger_cfg.dir,
+        group=logger_cfg.group or group,
+        name=name,
+        tags=tags,
+        config=config,
+    )
 
 
 # --- reading an offline run back -------------------------------------------------------------------------------
@@ -113,9 +129,13 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            out["history"].append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
         elif kind == "summary":
-            out["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
+            out["summary"].update(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update}
+            )
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     return out

@@ -67,14 +67,33 @@ def evaluate(model, loader, accelerator: Accelerator, desc: str, progress: bool)
         labels.append(y.cpu().numpy())
     model.train()
     p, y = np.concatenate(preds), np.concatenate(labels)
-    return {"accuracy": float(accuracy_score(y, p)), "macro_f1": float(f1_score(y, p, average="macro")), "loss": loss_sum / n}
+    return {
+        "accuracy": float(accuracy_score(y, p)),
+        "macro_f1": float(f1_score(y, p, average="macro")),
+        "loss": loss_sum / n,
+    }
 
 
-def train(model, variant, data: TaskData, cfg: TrainConfig, seed: int, tracker: Tracker, accelerator: Accelerator,
-          checkpoint_dir: Path | None = None) -> TrainResult:
+def train(
+    model,
+    variant,
+    data: TaskData,
+    cfg: TrainConfig,
+    seed: int,
+    tracker: Tracker,
+    accelerator: Accelerator,
+    checkpoint_dir: Path | None = None,
+) -> TrainResult:
     gen = torch.Generator().manual_seed(seed)  # the run seed fixes the shuffling order
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=data.collate,
-                              generator=gen, num_workers=cfg.num_workers, drop_last=len(data.train) > cfg.batch_size)
+    train_loader = DataLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=data.collate,
+        generator=gen,
+        num_workers=cfg.num_workers,
+        drop_last=len(data.train) > cfg.batch_size,
+    )
     eval_loaders = {
         split: DataLoader(getattr(data, split), batch_size=cfg.eval_batch_size, collate_fn=data.collate)
         for split in ("val", "test")
@@ -82,9 +101,12 @@ def train(model, variant, data: TaskData, cfg: TrainConfig, seed: int, tracker: 
     steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     optimizer = torch.optim.AdamW(variant.param_groups(model, cfg.lr, cfg.weight_decay))
     # stepped by hand once per optimizer step (accelerate would step it once per process)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
-                              num_training_steps=steps)
-    model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps), num_training_steps=steps
+    )
+    model, optimizer, train_loader, *loaders = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values()
+    )
     eval_loaders = dict(zip(eval_loaders, loaders))
     trainable = [p for p in model.parameters() if p.requires_grad]
 
