@@ -73,6 +73,7 @@ def test_wandb_offline_run_reads_back(compose_cfg, tmp_path):
     record = run_job(compose_cfg(*TINY_TEXT, "experiment_name=wb"), overrides=["rank=8"], group="wb/sweep1")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
+    assert Path(record["wandb_dir"]) == run_dir
     assert run["group"] == "wb/sweep1" and run["name"] == "rank=8"
     assert set(run["tags"]) == {"model:tiny_bert", "task:tweet_sentiment", "variant:lora", "rank:8", "seed:0"}
     assert run["config"]["model"]["name"] == "tiny_bert" and run["config"]["rank"] == 8

@@ -91,6 +91,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                 config=resolved,
                 main_process=accelerator.is_main_process,
             )
+            record["wandb_dir"] = tracker.location
             set_seed(cfg.seed)
             tokenizer = build_tokenizer(cfg.model)
             data = load_task(cfg.task, tokenizer)
@@ -131,7 +132,6 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             {k: v for k, v in record.items() if k in ("metrics", "params", "wall_time_s", "memory", "status")}
         )
         tracker.finish(failed=failure is not None)
-        record["wandb_dir"] = tracker.location
     print(format_summary(record, out / RESULT_FILE))
     if failure is not None and raise_errors:
         raise failure

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -40,6 +41,9 @@ class TrainResult:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    # AcceleratorState is a process-wide singleton that refuses a second, different mixed_precision; the jobs of a
+    # sweep share one process, so each job starts from a fresh state (the distributed PartialState is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=cfg.precision,
         gradient_accumulation_steps=cfg.grad_accum,
