@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_TEXT
 from loralab.io import atomic_dir, write_json_atomic
 from loralab.models import build_model, build_tokenizer
 from loralab.results import load_runs, override_tag
 from loralab.runner import check_inputs, run_job
 from loralab.trackers import Tracker
 from loralab.train import make_accelerator, train
-
-from conftest import TINY_TEXT
 
 
 class Unserialisable:
