@@ -7,7 +7,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF
 from loralab.config import CHOICES, ConfigError, LoggerConfig, ModelConfig, TaskConfig, VariantConfig, validate
-from loralab.variants import VARIANTS
+from loralab.variants import ALIASES, VARIANTS
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
@@ -27,7 +27,19 @@ def test_groups_are_not_empty():
         "tiny_convnext",
     } <= set(MODELS)
     assert {"tweet_sentiment", "digits_transfer"} <= set(TASKS)
-    assert {"lora", "full"} <= set(VARIANT_FILES) and set(VARIANT_FILES) == set(VARIANTS)
+    assert set(VARIANT_FILES) == set(VARIANTS) | set(ALIASES)
+    assert {
+        "lora",
+        "full",
+        "loraga",
+        "loraga_peft",
+        "lierra",
+        "pissa",
+        "dora",
+        "rslora",
+        "lora_plus",
+        "adalora",
+    } <= set(VARIANTS)
     assert set(LOGGERS) == {"wandb", "none"}
 
 
@@ -63,7 +75,7 @@ def test_every_task_composes_typed(compose_cfg, task):
 @pytest.mark.parametrize("variant", VARIANT_FILES)
 def test_every_variant_composes_with_its_schema(compose_cfg, variant):
     cfg = compose_cfg(f"variant={variant}")
-    assert OmegaConf.get_type(cfg.variant) is VARIANTS[variant].config_class
+    assert OmegaConf.get_type(cfg.variant) is VARIANTS[ALIASES.get(variant, variant)].config_class
     assert issubclass(OmegaConf.get_type(cfg.variant), VariantConfig)
     assert cfg.train.lr == cfg.variant.lr
 

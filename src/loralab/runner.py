@@ -18,8 +18,8 @@ from loralab.results import RESULT_FILE, PeakMemory, override_tag, provenance, r
 from loralab.targets import check_rank, find_targets, matches
 from loralab.tasks import check_data_path, load_task
 from loralab.trackers import make_tracker
-from loralab.train import NonFiniteLossError, make_accelerator, train
-from loralab.variants import get_variant
+from loralab.train import NonFiniteLossError, device_batches, make_accelerator, total_steps, train
+from loralab.variants import PrepareContext, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,15 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             tokenizer = build_tokenizer(cfg.model)
             data = load_task(cfg.task, tokenizer)
             record["data"] = {"fingerprint": data.fingerprint, "sizes": data.sizes}
-            model = build_model(cfg.model, data.num_labels, cfg.paths.cache_dir)
-            model = variant.prepare(model, targets, list(cfg.model.head_modules), train_batches=None)
+            model = build_model(cfg.model, data.num_labels, cfg.paths.cache_dir).to(accelerator.device)
+            ctx = PrepareContext(
+                train_batches=lambda size: device_batches(data, size, cfg.seed, accelerator.device),
+                total_steps=total_steps(cfg.train, len(data.train), accelerator.num_processes),
+                seed=cfg.seed,
+            )
+            start_init = time.perf_counter()
+            model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
+            record["init_time_s"] = round(time.perf_counter() - start_init, 3)
             record["params"] = count_parameters(model)
             record["adapted_layers"] = targets
             result = train(

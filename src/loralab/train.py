@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,16 @@ def total_steps(cfg: TrainConfig, n_train: int, world_size: int = 1) -> int:
         return cfg.max_steps
     per_epoch = math.ceil(n_train / (cfg.batch_size * world_size)) / cfg.grad_accum
     return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def device_batches(data: TaskData, batch_size: int, seed: int, device) -> Iterator[dict]:
+    """Shuffled training batches on `device`, epoch after epoch (for data-dependent initialisation)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        for batch in DataLoader(
+            data.train, batch_size=batch_size, shuffle=True, collate_fn=data.collate, generator=gen
+        ):
+            yield {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -129,6 +140,8 @@ def train(
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    variant.after_optimizer_step(model, step)
                 optimizer.zero_grad(set_to_none=True)
             window.append(loss.item())
             if not accelerator.sync_gradients:

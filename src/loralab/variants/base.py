@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -10,6 +11,20 @@ import torch
 from torch import nn
 
 from loralab.config import VariantConfig
+
+
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy in at least fp32 (fp64 stays fp64, so closed-form tests in double precision stay exact)."""
+    return t.detach().to(device="cpu", dtype=torch.promote_types(t.dtype, torch.float32), copy=True)
+
+
+@dataclass
+class PrepareContext:
+    """What a variant may use while it initialises (all optional for callers such as tests)."""
+
+    train_batches: Callable[[int], Iterator[dict]] | None = None  # batch_size -> training batches on the device
+    total_steps: int | None = None  # optimizer steps the run will take (AdaLoRA's schedule needs it)
+    seed: int = 0
 
 
 class Variant:
@@ -21,20 +36,19 @@ class Variant:
         self.rank = rank
 
     def prepare(
-        self,
-        model: nn.Module,
-        targets: list[str],
-        head_modules: list[str],
-        train_batches: Callable[[], Iterable[dict]] | None = None,
+        self, model: nn.Module, targets: list[str], head_modules: list[str], ctx: PrepareContext | None = None
     ) -> nn.Module:
         """Make `model` trainable the variant's way; `targets` are full names of the layers to adapt.
 
-        `train_batches()` yields training batches for data-dependent initialisation (LoRA-GA's gradients)."""
+        `ctx.train_batches` gives training batches for data-dependent initialisation (LoRA-GA's gradients)."""
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimizer step, before gradients are cleared (AdaLoRA's rank allocation)."""
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Effective update W_final − W0 of every adapted matrix (fp32, CPU), keyed by the base model's layer name."""

@@ -7,21 +7,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loralab.variants.base import Variant
+from loralab.variants.base import Variant, cpu_copy
 
 
 class FullFinetune(Variant):
     name = "full"
 
-    def prepare(self, model, targets, head_modules, train_batches=None):
+    def prepare(self, model, targets, head_modules, ctx=None):
         modules = dict(model.named_modules())
-        self.initial = {n: modules[n].weight.detach().float().cpu().clone() for n in targets}
+        self.initial = {n: cpu_copy(modules[n].weight) for n in targets}
         model.requires_grad_(True)
         return model
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
-        return {n: modules[n].weight.detach().float().cpu() - w0 for n, w0 in self.initial.items()}
+        return {n: cpu_copy(modules[n].weight) - w0 for n, w0 in self.initial.items()}
 
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))  # model.safetensors + config.json

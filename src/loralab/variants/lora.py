@@ -1,4 +1,8 @@
-"""LoRA through PEFT: W = W0 + s·B·A, A Kaiming-uniform, B zero, s = α/r (α/√r with rsLoRA)."""
+"""LoRA through PEFT: W = W0 + s·B·A, A Kaiming-uniform, B zero, s = α/r (α/√r with rsLoRA).
+
+The PEFT baselines (PiSSA, DoRA, rsLoRA, LoRA+, AdaLoRA, PEFT's LoRA-GA) are small subclasses in
+`peft_baselines.py`; LoRA-GA's official form in `loraga.py`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from loralab.config import VariantConfig
-from loralab.variants.base import Variant
+from loralab.variants.base import Variant, cpu_copy
 
 PEFT_PREFIX = "base_model.model."
 
@@ -23,11 +27,20 @@ class LoraVariantConfig(VariantConfig):
     use_rslora: bool = False
 
 
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """PEFT's adapted layers keyed by the base model's layer name."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.lora_A
+    }
+
+
 class Lora(Variant):
     name = "lora"
     config_class = LoraVariantConfig
 
-    def peft_config(self, targets: list[str], head_modules: list[str]) -> LoraConfig:
+    def peft_config(self, targets: list[str], head_modules: list[str], ctx) -> LoraConfig:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.cfg.alpha,
@@ -37,15 +50,18 @@ class Lora(Variant):
             modules_to_save=list(head_modules) or None,
         )
 
-    def prepare(self, model, targets, head_modules, train_batches=None):
-        return get_peft_model(model, self.peft_config(targets, head_modules))
+    def prepare(self, model, targets, head_modules, ctx=None):
+        model = get_peft_model(model, self.peft_config(targets, head_modules, ctx))
+        # inits such as PiSSA move s·B0·A0 out of the frozen weight: ΔW = W_final − W0 = s·(B·A − B0·A0)
+        self.initial_delta = self._adapter_deltas(model)
+        return model
+
+    def _adapter_deltas(self, model) -> dict[str, torch.Tensor]:
+        return {n: cpu_copy(m.get_delta_weight("default")) for n, m in lora_layers(model).items()}
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {
-            name.removeprefix(PEFT_PREFIX): module.get_delta_weight("default").detach().float().cpu()
-            for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and "default" in module.lora_A
-        }
+        current = self._adapter_deltas(model)
+        return {n: d - self.initial_delta[n] if self.initial_delta[n].any() else d for n, d in current.items()}
 
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))  # adapter_model.safetensors + adapter_config.json, PEFT's format

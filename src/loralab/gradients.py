@@ -1,0 +1,71 @@
+"""Full-weight gradients of the target matrices, averaged over N training micro-batches (LoRA-GA's estimate).
+
+Streaming, as the official LoRA-GA code does: only target weights require grad, and each weight's gradient is
+moved off the accelerator and added into an fp32 buffer the moment autograd has accumulated it (a
+post-accumulate-grad hook), then freed. Peak extra accelerator memory is one layer's gradient, not all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def estimate_gradients(
+    model: nn.Module,
+    targets: list[str],
+    batches: Iterable[dict],
+    n_batches: int,
+    offload_device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Mean over `n_batches` of ∂L/∂W for each target layer's weight (fp32, on `offload_device`).
+
+    Runs in train mode (dropout on, as the official code). With several processes (torch.distributed initialised),
+    the per-process means are all-reduced into the global mean."""
+    modules = dict(model.named_modules())
+    was_training, requires = model.training, {p: p.requires_grad for p in model.parameters()}
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def offload(name):
+        def hook(param):
+            # fp32 accumulation (fp64 stays fp64: closed-form tests run the model in double precision)
+            dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+            grad = param.grad.detach().to(device=offload_device, dtype=dtype)
+            sums[name] = sums[name].add_(grad) if name in sums else grad.clone()
+            param.grad = None
+
+        return hook
+
+    model.train()
+    model.requires_grad_(False)
+    for name in targets:
+        weight = modules[name].weight
+        weight.requires_grad_(True)
+        hooks.append(weight.register_post_accumulate_grad_hook(offload(name)))
+    count = 0
+    try:
+        for batch in islice(batches, n_batches):
+            model(**batch).loss.backward()
+            count += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for param, flag in requires.items():
+            param.requires_grad_(flag)
+        model.train(was_training)
+    if count < n_batches:
+        raise ValueError(f"gradient estimation needs {n_batches} batches but the training data gave only {count}")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    for name, total in sums.items():
+        if world > 1:
+            device = modules[name].weight.device
+            buffer = total.to(device)
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            total = buffer.to(offload_device)
+        sums[name] = total / (count * world)
+    return sums

@@ -1,0 +1,148 @@
+"""LoRA-GA (Wang et al. 2024) exactly as the official implementation (Outsider565/LoRA-GA) computes it.
+
+1. G = mean of ∂L/∂W0 over N training micro-batches (loralab.gradients: streamed, fp32).
+2. U, S, V = svd_lowrank(G, q=min(4r, min(G.shape)), niter=4); Vh = Vᵀ.
+3. direction ArB2r: A0 = Vh[:r], B0 = U[:, r:2r]; A2rBr: A0 = Vh[r:2r], B0 = U[:, :r];
+   ArBr: A0 = Vh[1:2r:2], B0 = U[:, 0:2r:2]. No singular values are multiplied in.
+4. scale stable: A0, B0 × out^{1/4}/√γ; gd: ÷ s; unit: none; weightS: × mean(√(S_W[:r]/s)).
+5. frozen weight W0 − s·B0·A0 (fp32, cast back), so the model's output is unchanged at init.
+PEFT's `init_lora_weights="lora_ga"` differs (B0 carries singular values, `stable` scales only B): it is the
+separate variant `loraga_peft`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from loralab.config import ConfigError
+from loralab.gradients import estimate_gradients
+from loralab.io import atomic_path
+from loralab.variants.base import cpu_copy
+from loralab.variants.lora import PEFT_PREFIX, Lora, LoraVariantConfig, lora_layers
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
+SCALES = ("stable", "gd", "unit", "weightS")
+
+
+@dataclass
+class LoraGAVariantConfig(LoraVariantConfig):
+    use_rslora: bool = True  # the paper's LoRA-GA runs: s = α/√r, α = 16
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: float = 16.0
+    grad_batches: int = 8  # the paper code: 8 micro-batches of 1 example (their PEFT fork: 64 of 2)
+    grad_batch_size: int = 1
+    grad_cache: str | None = None  # safetensors file: loaded if it exists, else written after estimation
+
+
+def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, rank: int, scaling: float, cfg) -> tuple:
+    """(A0, B0) in fp32 from the estimated gradient, following the official code step by step."""
+    grad = grad.float()
+    U, _, V = torch.svd_lowrank(grad, q=min(4 * rank, min(grad.shape)), niter=4)
+    Vh = V.T
+    if cfg.direction == "ArB2r":
+        A, B = Vh[:rank], U[:, rank : 2 * rank]
+    elif cfg.direction == "A2rBr":
+        A, B = Vh[rank : 2 * rank], U[:, :rank]
+    else:  # ArBr
+        A, B = Vh[1 : 2 * rank : 2], U[:, 0 : 2 * rank : 2]
+    if cfg.scale == "stable":
+        factor = grad.shape[0] ** 0.25 / cfg.stable_gamma**0.5
+    elif cfg.scale == "gd":
+        factor = 1 / scaling
+    elif cfg.scale == "weightS":
+        _, S_w, _ = torch.svd_lowrank(weight.float(), q=min(4 * rank, min(weight.shape)), niter=4)
+        factor = torch.sqrt(S_w[:rank] / scaling).mean().item()
+    else:  # unit
+        factor = 1.0
+    return (A * factor).contiguous(), (B * factor).contiguous()
+
+
+class LoraGA(Lora):
+    name = "loraga"
+    config_class = LoraGAVariantConfig
+
+    def __init__(self, cfg, rank):
+        super().__init__(cfg, rank)
+        if cfg.direction not in DIRECTIONS:
+            raise ConfigError(f"variant.direction={cfg.direction!r}; choose one of {list(DIRECTIONS)}")
+        if cfg.scale not in SCALES:
+            raise ConfigError(f"variant.scale={cfg.scale!r}; choose one of {list(SCALES)}")
+        if cfg.grad_batches <= 0 or cfg.grad_batch_size <= 0:
+            raise ConfigError(f"variant.grad_batches={cfg.grad_batches} and grad_batch_size must be positive")
+
+    def gradients(self, model, targets, ctx) -> dict[str, torch.Tensor]:
+        cache = Path(self.cfg.grad_cache) if self.cfg.grad_cache else None
+        if cache is not None and cache.exists():
+            grads = load_file(str(cache))
+            if set(grads) != set(targets):
+                raise ConfigError(f"variant.grad_cache={cache} holds gradients of other layers than {targets[:3]}...")
+            return grads
+        if ctx is None or ctx.train_batches is None:
+            raise ConfigError("LoRA-GA needs training batches to estimate gradients (PrepareContext.train_batches)")
+        grads = estimate_gradients(model, targets, ctx.train_batches(self.cfg.grad_batch_size), self.cfg.grad_batches)
+        if cache is not None:
+            with atomic_path(cache, suffix=".safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in grads.items()}, str(tmp))
+        return grads
+
+    def prepare(self, model, targets, head_modules, ctx=None):
+        grads = self.gradients(model, targets, ctx)
+        model = super().prepare(model, targets, head_modules, ctx)
+        self.factors = {}
+        with torch.no_grad():
+            for name, layer in lora_layers(model).items():
+                weight, s = layer.get_base_layer().weight, layer.scaling["default"]
+                A0, B0 = loraga_factors(grads[name].to(weight.device), weight, self.rank, s, self.cfg)
+                weight.data = (weight.float() - s * (B0 @ A0)).to(weight.dtype)
+                layer.lora_A["default"].weight.data = A0.to(weight.dtype)
+                layer.lora_B["default"].weight.data = B0.to(weight.dtype)
+                self.factors[name] = (cpu_copy(A0), cpu_copy(B0))  # copies: the adapter trains in place
+        self.initial_delta = self._adapter_deltas(model)  # s·B0·A0, so ΔW = s·(B·A − B0·A0)
+        return model
+
+    def export_state(self, model) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+        """A plain rank-2r PEFT LoRA adapter for the *unmodified* base weights: A' = [A; A0], B' = [B, −B0],
+        with the same scaling s (α' = 2r·s, rsLoRA off), so W0 + s·B'·A' = (W0 − s·B0·A0) + s·B·A."""
+        state = get_peft_model_state_dict(model)
+        layers = lora_layers(model)
+        for name, (A0, B0) in self.factors.items():
+            a_key, b_key = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+            state[a_key] = torch.cat([state[a_key], A0.to(state[a_key])], dim=0)
+            state[b_key] = torch.cat([state[b_key], -B0.to(state[b_key])], dim=1)
+        scaling = next(iter(layers.values())).scaling["default"]
+        peft_cfg = model.peft_config["default"]
+        config = LoraConfig(
+            r=2 * self.rank,
+            lora_alpha=2 * self.rank * scaling,
+            target_modules=sorted(layers),
+            modules_to_save=peft_cfg.modules_to_save,
+            lora_dropout=peft_cfg.lora_dropout,
+        )
+        return {k: v.detach().contiguous() for k, v in state.items()}, config
+
+    def save(self, model, out_dir: Path) -> None:
+        state, config = self.export_state(model)
+        save_file(state, str(out_dir / "adapter_model.safetensors"))
+        config.save_pretrained(str(out_dir))
+        save_file(
+            {f"{n}.{k}": t.contiguous() for n, (A0, B0) in self.factors.items() for k, t in (("A0", A0), ("B0", B0))},
+            str(out_dir / "loraga_init.safetensors"),
+        )
+        info = {
+            "trained_rank": self.rank,
+            "exported_rank": 2 * self.rank,
+            "direction": self.cfg.direction,
+            "scale": self.cfg.scale,
+            "use_rslora": self.cfg.use_rslora,
+            "alpha": self.cfg.alpha,
+            "adapter": "adapter_model.safetensors applies to the unmodified base model (peft.PeftModel)",
+            "init": "loraga_init.safetensors: A0, B0 per layer; the trained model's frozen weight is W0 - s*B0@A0",
+        }
+        (out_dir / "loraga.json").write_text(json.dumps(info, indent=1))
