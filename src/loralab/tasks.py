@@ -80,17 +80,20 @@ def load_tweet_sentiment(cfg: TaskConfig, tokenizer) -> TaskData:
     frame = frame.dropna(subset=["text"]).drop_duplicates(subset="text").reset_index(drop=True)
     labels = frame.sentiment.map({name: i for i, name in enumerate(cfg.labels)}).to_numpy()
     texts = frame.text.astype(str).tolist()
-    encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)
-    examples = [
-        {"input_ids": ids, "attention_mask": mask, "labels": int(y)}
-        for ids, mask, y in zip(encoded["input_ids"], encoded["attention_mask"], labels)
-    ]
     train, val, test = split_indices(labels, cfg)
     fingerprint = _fingerprint(*[(texts[i], int(labels[i])) for split in (train, val, test) for i in split])
+
+    def encode(split):  # only the examples a split uses (tests cap n_train)
+        enc = tokenizer([texts[i] for i in split], truncation=True, max_length=cfg.max_length)
+        return [
+            {"input_ids": ids, "attention_mask": mask, "labels": int(labels[i])}
+            for ids, mask, i in zip(enc["input_ids"], enc["attention_mask"], split)
+        ]
+
     # evaluation order does not change a metric; length-sorted batches carry little padding (~2x faster)
-    by_length = lambda split: sorted((examples[i] for i in split), key=lambda e: len(e["input_ids"]))
+    by_length = lambda split: sorted(encode(split), key=lambda e: len(e["input_ids"]))
     return TaskData(
-        train=[examples[i] for i in train],
+        train=encode(train),
         val=by_length(val),
         test=by_length(test),
         collate=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
