@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean bench
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -32,3 +32,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/variants.py

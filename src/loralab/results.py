@@ -111,11 +111,14 @@ class PeakMemory:
     """Peak memory of a block: CUDA allocator peak on GPU; on CPU the process's peak RSS, sampled every 20 ms
     (ru_maxrss would carry the peak of earlier jobs of a sweep that runs in the same process)."""
 
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.proc = interval, psutil.Process()
+
     def __enter__(self):
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.proc, self.peak_rss, self._stop = psutil.Process(), 0, threading.Event()
+        self.peak_rss, self._stop = 0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -123,7 +126,7 @@ class PeakMemory:
     def _sample(self):
         while True:
             self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
-            if self._stop.wait(0.02):
+            if self._stop.wait(self.interval):
                 return
 
     def __exit__(self, *exc):
