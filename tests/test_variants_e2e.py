@@ -1,11 +1,12 @@
 """Every variant trains end to end through the runner on a tiny model, records ΔW and saves its weights."""
 
+from pathlib import Path
+
 import pytest
 
+from conftest import TINY_TEXT
 from loralab.runner import run_job
 from loralab.variants import VARIANTS
-
-from conftest import TINY_TEXT
 
 pytestmark = pytest.mark.slow
 
@@ -16,15 +17,23 @@ def test_variant_runs_end_to_end(compose_cfg, variant):
     assert record["status"] == "completed", record.get("error")
     assert set(record["delta_fro_norms"]) == set(record["adapted_layers"])
     assert all(v > 0 for v in record["delta_fro_norms"].values())  # every adapted matrix moved
-    assert any(p.is_file() for p in __import__("pathlib").Path(record["weights_dir"]).iterdir())
+    assert any(p.is_file() for p in Path(record["weights_dir"]).iterdir())
     if variant != "full":
         assert record["params"]["trainable"] < record["params"]["total"] / 2
 
 
 def test_lierra_adapts_depthwise_and_regular_convs_on_digits(compose_cfg):
-    record = run_job(compose_cfg("experiment=digits_transfer", "variant=lierra", "logger=none", "train.max_steps=30",
-                                 "train.eval_every=0", "train.progress=false",
-                                 "model.target_modules=[dwconv,downsampling_layer.1,pwconv1,pwconv2]"))
+    record = run_job(
+        compose_cfg(
+            "experiment=digits_transfer",
+            "variant=lierra",
+            "logger=none",
+            "train.max_steps=30",
+            "train.eval_every=0",
+            "train.progress=false",
+            "model.target_modules=[dwconv,downsampling_layer.1,pwconv1,pwconv2]",
+        )
+    )
     assert record["status"] == "completed", record.get("error")
     assert any(n.endswith("dwconv") for n in record["adapted_layers"])
     assert record["metrics"]["test/accuracy"] > 0.5

@@ -24,7 +24,7 @@ from torch import nn
 
 from loralab.config import ConfigError, VariantConfig
 from loralab.targets import matches
-from loralab.variants.base import Variant
+from loralab.variants.base import Variant, cpu_copy
 
 ALLOWED_INITS = ("default",)
 WEIGHTS_FILE, CONFIG_FILE = "liera_adapter.safetensors", "liera_config.json"
@@ -299,7 +299,7 @@ class Liera(Variant):
         return apply_liera(model, self.targets, self.rank, self.scaling, c.exact_exp, c.dropout, c.eps)
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: m.effective_update().detach().float().cpu() for n, m in liera_layers(model).items()}
+        return {n: cpu_copy(m.effective_update()) for n, m in liera_layers(model).items()}
 
     def save(self, model, out_dir: Path) -> None:
         out_dir = Path(out_dir)
