@@ -1,0 +1,73 @@
+"""First-step alignment between an adapter's update and full fine-tuning's (LoRA-GA's premise).
+
+LoRA-GA (Wang et al. 2024) initializes the adapter so that its first optimizer step's ΔW approximates full
+fine-tuning's first step from the same batch. The gap is measured by the cosine and the relative error between the
+two updates; since a LoRA step B·A is at most rank 2r (dW = dB·A + B·dA), no rank-2r update can do better than the
+Eckart–Young–Mirsky error Σ_{i>2r} σ_i² / Σ σ_i² of the full gradient (pass k = 2r below).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from loralab.analysis.subspace import as_float64, as_matrix
+
+
+def alignment(update, full_update) -> dict:
+    """Agreement of an adapter's update u (ΔW) with full fine-tuning's g, both of the same shape (float64):
+
+    - ``cosine`` = ⟨u, g⟩_F / (‖u‖_F ‖g‖_F) ∈ [−1, 1] (nan if either is zero);
+    - ``rel_error`` = ‖u − g‖²_F / ‖g‖²_F, raw, without rescaling u (nan if g = 0).
+    """
+    u, g = as_float64(update), as_float64(full_update)
+    if u.shape != g.shape:
+        raise ValueError(f"update and full_update shapes differ: {tuple(u.shape)} vs {tuple(g.shape)}")
+    u, g = u.reshape(-1), g.to(u.device).reshape(-1)
+    nu, ng = float(torch.linalg.vector_norm(u)), float(torch.linalg.vector_norm(g))
+    cosine = float(u @ g) / (nu * ng) if nu > 0 and ng > 0 else math.nan
+    rel_error = float((u - g).square().sum()) / ng**2 if ng > 0 else math.nan
+    return {"cosine": cosine, "rel_error": rel_error}
+
+
+def truncated_svd(G, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_k, σ_k, Vh_k): the top-`k` singular triplets of G (conv kernels flattened to out x rest), float64;
+    U_k is out x k, σ_k has k entries (descending), Vh_k is k x in. k is clipped to min(shape)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    U, S, Vh = torch.linalg.svd(as_matrix(G), full_matrices=False)
+    return U[:, :k], S[:k], Vh[:k]
+
+
+def best_rank_k(G, k: int) -> torch.Tensor:
+    """G_k = U_k diag(σ_k) Vh_k, the truncated SVD of G reshaped to G's shape (float64): by Eckart–Young–Mirsky the
+    rank-≤k matrix closest to G in Frobenius norm, attaining rel_error = :func:`eckart_young` (G, k)."""
+    U, S, Vh = truncated_svd(G, k)
+    return ((U * S) @ Vh).reshape(as_float64(G).shape)
+
+
+def eckart_young(G, k: int) -> float:
+    """Σ_{i>k} σ_i² / Σ_i σ_i² of G: by Eckart–Young–Mirsky, min over rank-≤k u of ‖u − G‖²_F / ‖G‖²_F, the best
+    rel_error any rank-k update can reach (0 for k ≥ rank G; nan for G = 0). For a LoRA step use k = 2r."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    s2 = torch.linalg.svdvals(as_matrix(G)).square()
+    total = float(s2.sum())
+    return float(s2[k:].sum()) / total if total > 0 else math.nan
+
+
+def alignment_table(updates: dict, full_updates: dict, k: int | None = None) -> pd.DataFrame:
+    """:func:`alignment` for every name in both dicts (order of `updates`): columns ``name, cosine, rel_error`` and,
+    if `k` is given, ``eckart_young`` = :func:`eckart_young` (full update, k), the rank-k optimum of rel_error."""
+    rows = []
+    for name, u in updates.items():
+        if name not in full_updates:
+            continue
+        row = {"name": name, **alignment(u, full_updates[name])}
+        if k is not None:
+            row["eckart_young"] = eckart_young(full_updates[name], k)
+        rows.append(row)
+    columns = ["name", "cosine", "rel_error"] + (["eckart_young"] if k is not None else [])
+    return pd.DataFrame(rows, columns=columns)
