@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from loralab.analyze import analyze_runs
 from loralab.results import flatten_record, read_result
 
 COLUMNS = [
@@ -26,13 +27,16 @@ COLUMNS = [
 ]
 
 
-def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
+def sweep_runs(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per job of a sweep (in job order), read from the result files the jobs pointed to."""
     pointers = sorted(
         Path(sweep_dir).glob("*/result_path.txt"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
     )
-    rows = [flatten_record(r) for p in pointers if (r := read_result(Path(p.read_text().strip())))]
-    frame = pd.DataFrame(rows)
+    return pd.DataFrame([flatten_record(r) for p in pointers if (r := read_result(Path(p.read_text().strip())))])
+
+
+def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
+    frame = sweep_runs(sweep_dir)
     return frame[[c for c in COLUMNS if c in frame.columns]] if not frame.empty else frame
 
 
@@ -47,3 +51,6 @@ class SweepSummary(Callback):
         failed = int((table.status == "failed").sum())
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
             print(f"\n[loralab] sweep {sweep_dir}: {len(table)} jobs, {failed} failed\n{table.to_string(index=False)}")
+        # cross-run analyses (φ grids between ranks / seeds) of the runs this sweep holds
+        runs = sweep_runs(sweep_dir)
+        analyze_runs(runs[runs.status == "completed"])

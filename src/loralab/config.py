@@ -117,6 +117,7 @@ class RunConfig:
     seed: int = 0
     overwrite: bool = False  # re-run even if a completed result exists
     save_weights: bool = True
+    analyze: bool = True  # per-run analyses of ΔW (spectrum, amplification, subspace bases) at the end of the job
 
 
 CHOICES = {

@@ -36,8 +36,8 @@ def estimate_gradients(
             # fp32 accumulation (fp64 stays fp64: closed-form tests run the model in double precision)
             dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
             grad = param.grad.detach().to(device=offload_device, dtype=dtype)
-            sums[name] = sums[name].add_(grad) if name in sums else grad.clone()
-            param.grad = None
+            param.grad = None  # from here on `grad` is only ours: the first one becomes the buffer, no copy
+            sums[name] = sums[name].add_(grad) if name in sums else grad
 
         return hook
 

@@ -15,6 +15,7 @@ import psutil
 import torch
 
 RESULT_FILE = "result.json"
+BASES_FILE = "analysis_bases.safetensors"  # per-run subspace bases for the cross-run φ grids (not committed)
 PACKAGES = (
     "loralab",
     "torch",

@@ -10,16 +10,19 @@ from datetime import datetime, timezone
 import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
+from loralab.analysis.per_run import per_run_analysis
 from loralab.config import ConfigError, validate
-from loralab.io import atomic_dir, write_json_atomic
+from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
-from loralab.results import RESULT_FILE, PeakMemory, override_tag, provenance, read_result, run_dir
+from loralab.results import BASES_FILE, RESULT_FILE, PeakMemory, override_tag, provenance, read_result, run_dir
 from loralab.targets import check_rank, find_targets, matches
 from loralab.tasks import check_data_path, load_task
 from loralab.trackers import make_tracker
 from loralab.train import NonFiniteLossError, device_batches, make_accelerator, total_steps, train
 from loralab.variants import PrepareContext, get_variant
+from loralab.variants.base import cpu_copy
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,8 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                 total_steps=total_steps(cfg.train, len(data.train), accelerator.num_processes),
                 seed=cfg.seed,
             )
+            modules = dict(model.named_modules())
+            initial = {n: cpu_copy(modules[n].weight) for n in targets} if cfg.analyze else {}  # W0, pretrained
             start_init = time.perf_counter()
             model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
             record["init_time_s"] = round(time.perf_counter() - start_init, 3)
@@ -116,7 +121,15 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                 steps=result.steps,
                 train_time_s=round(result.train_time_s, 2),
             )
-            record["delta_fro_norms"] = {n: float(d.norm()) for n, d in variant.delta_weights(model).items()}
+            deltas = variant.delta_weights(model)
+            record["delta_fro_norms"] = {n: float(d.norm()) for n, d in deltas.items()}
+            if cfg.analyze and accelerator.is_main_process:
+                tables, bases = per_run_analysis(initial, deltas, variant.factors(model), cfg.rank)
+                record["analysis"] = tables
+                with atomic_path(out / BASES_FILE, suffix=".safetensors") as tmp:
+                    save_file(bases, str(tmp))
+                for name, rows in tables.items():
+                    tracker.log_table(f"analysis/{name}", rows)
             if cfg.save_weights and accelerator.is_main_process:
                 with atomic_dir(out / "weights") as tmp:
                     variant.save(accelerator.unwrap_model(model), tmp)

@@ -19,6 +19,12 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
+    def log_table(self, key: str, rows: list[dict]) -> None:
+        pass
+
+    def log_image(self, key: str, path: str) -> None:
+        pass
+
     def finish(self, failed: bool = False) -> None:
         pass
 
@@ -51,6 +57,19 @@ class WandbTracker(Tracker):
 
     def summary(self, values):
         self.run.summary.update(dict(values))
+
+    def log_table(self, key, rows):
+        import pandas as pd  # noqa: PLC0415
+
+        import wandb  # noqa: PLC0415
+
+        frame = pd.DataFrame(rows).map(lambda v: str(v) if isinstance(v, (list, dict)) else v)
+        self.run.log({key: wandb.Table(dataframe=frame)})
+
+    def log_image(self, key, path):
+        import wandb  # noqa: PLC0415
+
+        self.run.log({key: wandb.Image(path)})
 
     def finish(self, failed=False):
         self.run.finish(exit_code=1 if failed else 0)

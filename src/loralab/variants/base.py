@@ -54,6 +54,11 @@ class Variant:
         """Effective update W_final − W0 of every adapted matrix (fp32, CPU), keyed by the base model's layer name."""
         raise NotImplementedError
 
+    def factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(A, B) per adapted matrix where the variant has low-rank factors (the LoRA paper compares A's
+        right and B's left singular vectors between runs); empty for full fine-tuning."""
+        return {}
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Write the trained weights (safetensors) into the fresh directory `out_dir`."""
         raise NotImplementedError

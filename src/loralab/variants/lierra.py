@@ -301,6 +301,9 @@ class Liera(Variant):
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {n: cpu_copy(m.effective_update()) for n, m in liera_layers(model).items()}
 
+    def factors(self, model):
+        return {n: (cpu_copy(m.lora_A), cpu_copy(m.lora_B)) for n, m in liera_layers(model).items()}
+
     def save(self, model, out_dir: Path) -> None:
         out_dir = Path(out_dir)
         state = {}

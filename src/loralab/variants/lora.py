@@ -52,16 +52,26 @@ class Lora(Variant):
 
     def prepare(self, model, targets, head_modules, ctx=None):
         model = get_peft_model(model, self.peft_config(targets, head_modules, ctx))
-        # inits such as PiSSA move s·B0·A0 out of the frozen weight: ΔW = W_final − W0 = s·(B·A − B0·A0)
-        self.initial_delta = self._adapter_deltas(model)
+        # inits such as PiSSA move s·B0·A0 out of the frozen weight: ΔW = W_final − W0 = s·(B·A − B0·A0).
+        # Only non-zero initial products are kept (plain LoRA keeps none: B0 = 0).
+        self.initial_delta = {}
+        for name, layer in lora_layers(model).items():
+            delta = cpu_copy(layer.get_delta_weight("default"))
+            if delta.any():
+                self.initial_delta[name] = delta
         return model
 
-    def _adapter_deltas(self, model) -> dict[str, torch.Tensor]:
-        return {n: cpu_copy(m.get_delta_weight("default")) for n, m in lora_layers(model).items()}
-
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        current = self._adapter_deltas(model)
-        return {n: d - self.initial_delta[n] if self.initial_delta[n].any() else d for n, d in current.items()}
+        out = {}
+        for name, layer in lora_layers(model).items():
+            out[name] = cpu_copy(layer.get_delta_weight("default"))
+            if name in self.initial_delta:
+                out[name] -= self.initial_delta[name]
+        return out
+
+    def factors(self, model):
+        pick = lambda f: cpu_copy(getattr(f["default"], "weight", f["default"]))  # Linear or (AdaLoRA) Parameter
+        return {n: (pick(m.lora_A), pick(m.lora_B)) for n, m in lora_layers(model).items()}
 
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))  # adapter_model.safetensors + adapter_config.json, PEFT's format

@@ -94,25 +94,38 @@ class LoraGA(Lora):
 
     def prepare(self, model, targets, head_modules, ctx=None):
         grads = self.gradients(model, targets, ctx)
-        model = super().prepare(model, targets, head_modules, ctx)
-        self.factors = {}
+        model = super().prepare(model, targets, head_modules, ctx)  # B = 0 here: no initial product is stored
+        self.factors_init = {}
         with torch.no_grad():
             for name, layer in lora_layers(model).items():
                 weight, s = layer.get_base_layer().weight, layer.scaling["default"]
-                A0, B0 = loraga_factors(grads[name].to(weight.device), weight, self.rank, s, self.cfg)
-                weight.data = (weight.float() - s * (B0 @ A0)).to(weight.dtype)
+                A0, B0 = loraga_factors(grads.pop(name).to(weight.device), weight, self.rank, s, self.cfg)
+                # fp32 as the official code (fp64 models stay fp64)
+                high = torch.promote_types(weight.dtype, torch.float32)
+                weight.data = (weight.to(high) - s * (B0.to(high) @ A0.to(high))).to(weight.dtype)
                 layer.lora_A["default"].weight.data = A0.to(weight.dtype)
                 layer.lora_B["default"].weight.data = B0.to(weight.dtype)
-                self.factors[name] = (cpu_copy(A0), cpu_copy(B0))  # copies: the adapter trains in place
-        self.initial_delta = self._adapter_deltas(model)  # s·B0·A0, so ΔW = s·(B·A − B0·A0)
+                # copies of what the adapter holds (it trains in place), for ΔW and the rank-2r export
+                self.factors_init[name] = (
+                    cpu_copy(layer.lora_A["default"].weight),
+                    cpu_copy(layer.lora_B["default"].weight),
+                )
         return model
+
+    def delta_weights(self, model):
+        """ΔW = s·(B·A − B0·A0), the factor products formed in (at least) fp32."""
+        out = {}
+        for name, layer in lora_layers(model).items():
+            A0, B0 = self.factors_init[name]
+            out[name] = cpu_copy(layer.get_delta_weight("default")) - layer.scaling["default"] * (B0 @ A0)
+        return out
 
     def export_state(self, model) -> tuple[dict[str, torch.Tensor], LoraConfig]:
         """A plain rank-2r PEFT LoRA adapter for the *unmodified* base weights: A' = [A; A0], B' = [B, −B0],
         with the same scaling s (α' = 2r·s, rsLoRA off), so W0 + s·B'·A' = (W0 − s·B0·A0) + s·B·A."""
         state = get_peft_model_state_dict(model)
         layers = lora_layers(model)
-        for name, (A0, B0) in self.factors.items():
+        for name, (A0, B0) in self.factors_init.items():
             a_key, b_key = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
             state[a_key] = torch.cat([state[a_key], A0.to(state[a_key])], dim=0)
             state[b_key] = torch.cat([state[b_key], -B0.to(state[b_key])], dim=1)
@@ -131,10 +144,9 @@ class LoraGA(Lora):
         state, config = self.export_state(model)
         save_file(state, str(out_dir / "adapter_model.safetensors"))
         config.save_pretrained(str(out_dir))
-        save_file(
-            {f"{n}.{k}": t.contiguous() for n, (A0, B0) in self.factors.items() for k, t in (("A0", A0), ("B0", B0))},
-            str(out_dir / "loraga_init.safetensors"),
-        )
+        init = {f"{n}.A0": A0 for n, (A0, _) in self.factors_init.items()}
+        init |= {f"{n}.B0": B0 for n, (_, B0) in self.factors_init.items()}
+        save_file({k: v.contiguous() for k, v in init.items()}, str(out_dir / "loraga_init.safetensors"))
         info = {
             "trained_rank": self.rank,
             "exported_rank": 2 * self.rank,

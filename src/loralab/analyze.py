@@ -1,0 +1,137 @@
+"""Cross-run analyses: LoRA Fig. 3/4 subspace similarity φ(i, j) between pairs of runs, for every adapted matrix.
+
+    python -m loralab.analyze                                  # every completed run under results/
+    python -m loralab.analyze --experiment lora_subspace --variant lora --rank-pairs 8:64 --seed-pairs 1:2
+
+Pairs are formed among runs that differ only in rank (same seed: Fig. 3, r=8 vs r=64) or only in seed (same rank:
+Fig. 4, two seeds at r=64). For each pair and matrix, φ grids on the A factors' right singular vectors (the paper),
+the B factors' left singular vectors (its footnote 7) and ΔW's right singular vectors (fair to LoRA-GA and LieRA),
+next to two random Gaussian matrices of the same shapes. One JSON per pair under
+`<results>/<experiment>/analysis/`; it is what `make figures` draws. Also run by the Hydra callback after a sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from loralab.analysis.subspace import phi_grid, random_phi_grid
+from loralab.io import write_json_atomic
+from loralab.results import BASES_FILE, load_runs, override_tag
+
+BASES = ("A_right", "B_left", "dW_right")
+KEY = ["experiment", "model", "task", "variant", "tag"]
+
+
+def _pairs(frame: pd.DataFrame, rank_pairs, seed_pairs, seed_pair_rank):
+    frame = frame.assign(tag=[override_tag(r.get("overrides") or []) for r in frame.record])
+    for key, group in frame.groupby(KEY, dropna=False):
+        runs = {(int(r["rank"]), int(r["seed"])): r for r in group.record}
+        for r1, r2 in rank_pairs:
+            for seed in sorted({s for _, s in runs}):
+                if (r1, seed) in runs and (r2, seed) in runs:
+                    yield "rank", key, runs[(r1, seed)], runs[(r2, seed)]
+        for s1, s2 in seed_pairs:
+            if (seed_pair_rank, s1) in runs and (seed_pair_rank, s2) in runs:
+                yield "seed", key, runs[(seed_pair_rank, s1)], runs[(seed_pair_rank, s2)]
+
+
+def compare(run_a: dict, run_b: dict, seed: int = 0) -> dict:
+    """φ grids between the saved bases of two runs, per matrix and basis kind, plus the random baseline."""
+    bases_a = load_file(str(Path(run_a["run_dir"]) / BASES_FILE))
+    bases_b = load_file(str(Path(run_b["run_dir"]) / BASES_FILE))
+    gen = torch.Generator().manual_seed(seed)
+    layers, random = {}, {}
+    for key in sorted(set(bases_a) & set(bases_b)):
+        name, kind = key.split("|")
+        if kind not in BASES:
+            continue
+        U1, U2 = bases_a[key], bases_b[key]
+        grid = phi_grid(U1, U2)
+        shape = (U1.shape[0], U1.shape[1], U2.shape[1])
+        tag = "x".join(map(str, shape))
+        if tag not in random:  # one baseline per (dim, r1, r2): two Gaussian matrices of these shapes
+            random[tag] = np.round(random_phi_grid(*shape, generator=gen), 4).tolist()
+        layers.setdefault(name, {})[kind] = {"phi": np.round(grid, 4).tolist(), "random": tag}
+    return {"layers": layers, "random": random}
+
+
+def summary(result: dict) -> pd.DataFrame:
+    rows = []
+    for name, kinds in result["layers"].items():
+        for kind, entry in kinds.items():
+            phi, rand = np.array(entry["phi"]), np.array(result["random"][entry["random"]])
+            rows.append(
+                {
+                    "layer": name,
+                    "basis": kind,
+                    "phi_11": phi[0, 0],
+                    "phi_mean": phi.mean(),
+                    "random_11": rand[0, 0],
+                    "random_mean": rand.mean(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def analyze_runs(frame: pd.DataFrame, rank_pairs=((8, 64),), seed_pairs=((1, 2),), seed_pair_rank=64) -> list[Path]:
+    written = []
+    for kind, key, a, b in _pairs(frame, rank_pairs, seed_pairs, seed_pair_rank):
+        if not all((Path(r["run_dir"]) / BASES_FILE).exists() for r in (a, b)):
+            print(
+                f"[loralab.analyze] skip {kind} pair {a['run_dir']} / {b['run_dir']}: no saved bases (analyze=false?)"
+            )
+            continue
+        experiment, model, task, variant, tag = key
+        result = compare(a, b)
+        result.update(
+            kind=kind,
+            experiment=experiment,
+            model=model,
+            task=task,
+            variant=variant,
+            tag=tag,
+            a={"run_dir": a["run_dir"], "rank": a["rank"], "seed": a["seed"]},
+            b={"run_dir": b["run_dir"], "rank": b["rank"], "seed": b["seed"]},
+        )
+        table = summary(result)
+        result["summary"] = table.round(4).to_dict("records")
+        pair = f"r{a['rank']}s{a['seed']}-vs-r{b['rank']}s{b['seed']}"
+        name = f"subspace-{model}-{task}-{variant}{'-' + tag if tag else ''}-{pair}"
+        experiment_dir = Path(a["run_dir"]).parents[4 + bool(tag)]  # <results>/<experiment>/<model>/.../seed<s>[/tag]
+        path = experiment_dir / "analysis" / f"{name}.json"
+        write_json_atomic(path, result)
+        written.append(path)
+        means = table.groupby("basis")[["phi_11", "random_11"]].mean().round(3)
+        print(f"[loralab.analyze] {path}\n{means.to_string()}")
+    return written
+
+
+def _pair_list(values):
+    return [tuple(int(x) for x in v.split(":")) for v in values]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="results")
+    for column in ("experiment", "model", "task", "variant"):
+        parser.add_argument(f"--{column}", nargs="+")
+    parser.add_argument("--rank-pairs", nargs="+", default=["8:64"], help="r1:r2 pairs at equal seed (Fig. 3)")
+    parser.add_argument("--seed-pairs", nargs="+", default=["1:2"], help="s1:s2 pairs at --seed-pair-rank (Fig. 4)")
+    parser.add_argument("--seed-pair-rank", type=int, default=64)
+    args = parser.parse_args(argv)
+    filters = {c: getattr(args, c) for c in ("experiment", "model", "task", "variant") if getattr(args, c)}
+    frame = load_runs(args.results, status="completed", **filters)
+    if frame.empty:
+        raise SystemExit(f"no completed runs under {args.results} matching {filters}")
+    written = analyze_runs(frame, _pair_list(args.rank_pairs), _pair_list(args.seed_pairs), args.seed_pair_rank)
+    print(f"[loralab.analyze] {len(written)} pair(s) written")
+
+
+if __name__ == "__main__":
+    main()
