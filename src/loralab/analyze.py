@@ -22,14 +22,14 @@ from safetensors.torch import load_file
 
 from loralab.analysis.subspace import phi_grid, random_phi_grid
 from loralab.io import write_json_atomic
-from loralab.results import BASES_FILE, load_runs, override_tag
+from loralab.results import BASES_FILE, load_runs, run_tag
 
 BASES = ("A_right", "B_left", "dW_right")
 KEY = ["experiment", "model", "task", "variant", "tag"]
 
 
 def _pairs(frame: pd.DataFrame, rank_pairs, seed_pairs, seed_pair_rank):
-    frame = frame.assign(tag=[override_tag(r.get("overrides") or []) for r in frame.record])
+    frame = frame.assign(tag=[run_tag(r["run_dir"]) for r in frame.record])
     for key, group in frame.groupby(KEY, dropna=False):
         runs = {(int(r["rank"]), int(r["seed"])): r for r in group.record}
         for r1, r2 in rank_pairs:

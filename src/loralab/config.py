@@ -43,6 +43,7 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
     modality: str = "text"  # text | image
     target_modules: list[str] = MISSING  # module-name suffixes the variant adapts (PEFT matching rules)
+    target_sets: dict[str, list[str]] = field(default_factory=dict)  # named sets, chosen by the top-level `targets`
     head_modules: list[str] = field(default_factory=list)  # new task head: always trained
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -114,6 +115,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     rank: int = 8
+    targets: str | None = None  # a named set of model.target_sets (e.g. q, qv, qkvo); None: model.target_modules
     seed: int = 0
     overwrite: bool = False  # re-run even if a completed result exists
     save_weights: bool = True
@@ -150,6 +152,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps} and train.epochs={t.epochs}: one must be positive")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    if cfg.targets is not None and cfg.targets not in cfg.model.target_sets:
+        raise ConfigError(
+            f"targets={cfg.targets!r} is not a target set of model {cfg.model.name!r}; "
+            f"its sets: {sorted(cfg.model.target_sets)}"
+        )
     if not cfg.model.target_modules:
         raise ConfigError(f"model.target_modules of model {cfg.model.name!r} is empty")
     wanted = TASK_MODALITY[cfg.task.kind]
@@ -158,6 +165,11 @@ def validate(cfg: Any) -> None:
             f"task {cfg.task.name!r} ({cfg.task.kind}) needs a {wanted} model, but model {cfg.model.name!r} "
             f"is a {cfg.model.modality} model"
         )
+
+
+def target_modules(cfg: Any) -> list[str]:
+    """The module-name suffixes a run adapts: the named set `targets`, else the model's default."""
+    return list(cfg.model.target_sets[cfg.targets] if cfg.targets else cfg.model.target_modules)
 
 
 def register_configs() -> None:

@@ -67,8 +67,16 @@ def run_dir(cfg, overrides: list[str] = ()) -> Path:
         / f"r{cfg.rank}"
         / f"seed{cfg.seed}"
     )
-    tag = override_tag(list(overrides))
+    # the effective target set belongs to the run's identity whether a preset or the command line chose it
+    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "targets"]
+    tag = override_tag(chosen + ([f"targets={cfg.targets}"] if cfg.get("targets") else []))
     return path / tag if tag else path
+
+
+def run_tag(run_dir: str | Path) -> str:
+    """The `<other overrides>` component of a run directory ('' when there is none)."""
+    name = Path(run_dir).name
+    return "" if name.startswith("seed") else name
 
 
 def read_result(path: Path) -> dict | None:

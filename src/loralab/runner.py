@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from loralab.analysis.per_run import per_run_analysis
-from loralab.config import ConfigError, validate
+from loralab.config import ConfigError, target_modules, validate
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
 from loralab.results import BASES_FILE, RESULT_FILE, PeakMemory, override_tag, provenance, read_result, run_dir
@@ -46,7 +46,7 @@ def check_inputs(cfg):
         raise ConfigError(
             f"model {cfg.model.name!r}: head_modules {missing_heads} do not exist in {type(skeleton).__name__}"
         )
-    targets = find_targets(skeleton, list(cfg.model.target_modules), exclude=list(cfg.model.head_modules))
+    targets = find_targets(skeleton, target_modules(cfg), exclude=list(cfg.model.head_modules))
     check_rank(skeleton, targets, cfg.rank)
     return variant, targets
 
