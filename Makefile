@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint clean bench
+.PHONY: setup demo test test-fast lint clean bench figures analyze
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,3 +35,9 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/variants.py
+
+analyze: $(STAMP)
+	$(BIN)/python -m loralab.analyze --experiment cpu_repro
+
+figures: $(STAMP)
+	$(BIN)/python -m loralab.figures --results results --experiment cpu_repro --out figures

@@ -18,7 +18,7 @@ def test_rank_larger_than_the_matrix(compose_cfg):
     with pytest.raises(ConfigError) as err:
         check_inputs(compose_cfg("model=tiny_bert", "rank=33"))
     msg = str(err.value)
-    assert "rank=33 exceeds min(out, in)=32" in msg and "attention.self.query" in msg and "rank <= 32" in msg
+    assert "rank=33 exceeds the largest rank 32" in msg and "attention.self.query" in msg and "rank <= 32" in msg
 
 
 def test_rank_equal_to_the_matrix_size_is_allowed(compose_cfg):
@@ -28,8 +28,16 @@ def test_rank_equal_to_the_matrix_size_is_allowed(compose_cfg):
 
 def test_conv_kernel_rank_bound(compose_cfg):
     # downsampling conv of tiny_convnext: 32 x (16*2*2)=64 -> bound 32; pwconv2 is 16 x 64 -> bound 16
-    with pytest.raises(ConfigError, match=r"rank=17 exceeds min\(out, in\)=16"):
+    with pytest.raises(ConfigError, match=r"rank=17 exceeds the largest rank 16"):
         check_inputs(compose_cfg("model=tiny_convnext", "task=digits_transfer", "rank=17"))
+
+
+@pytest.mark.parametrize("variant", ["loraga", "loraga_peft"])
+def test_loraga_rank_bound_is_half_the_matrix(compose_cfg, variant):
+    # A0 = Vh[:r] and B0 = U[:, r:2r] need 2r singular directions: r <= 16 on tiny_bert's 32x32 matrices
+    check_inputs(compose_cfg("model=tiny_bert", f"variant={variant}", "rank=16"))
+    with pytest.raises(ConfigError, match=r"rank=17 exceeds the largest rank 16 .* min\(out, in\)=32"):
+        check_inputs(compose_cfg("model=tiny_bert", f"variant={variant}", "rank=17"))
 
 
 def test_target_modules_matching_nothing_lists_existing_layers(compose_cfg):

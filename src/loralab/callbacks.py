@@ -41,6 +41,14 @@ def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
 
 
 class SweepSummary(Callback):
+    """Prints the sweep's results table and runs the cross-run analyses on its runs (pairs configurable:
+    hydra.callbacks.sweep_summary.rank_pairs=[[8,64]] seed_pairs=[[1,2]] seed_pair_rank=64)."""
+
+    def __init__(self, rank_pairs=((8, 64),), seed_pairs=((1, 2),), seed_pair_rank: int = 64):
+        self.rank_pairs = [tuple(p) for p in rank_pairs]
+        self.seed_pairs = [tuple(p) for p in seed_pairs]
+        self.seed_pair_rank = seed_pair_rank
+
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         table = sweep_table(sweep_dir)
@@ -53,4 +61,4 @@ class SweepSummary(Callback):
             print(f"\n[loralab] sweep {sweep_dir}: {len(table)} jobs, {failed} failed\n{table.to_string(index=False)}")
         # cross-run analyses (φ grids between ranks / seeds) of the runs this sweep holds
         runs = sweep_runs(sweep_dir)
-        analyze_runs(runs[runs.status == "completed"])
+        analyze_runs(runs[runs.status == "completed"], self.rank_pairs, self.seed_pairs, self.seed_pair_rank)

@@ -46,13 +46,16 @@ NON_SEMANTIC = (
 
 def override_tag(overrides: list[str], keep_path_keys: bool = False) -> str:
     """The overrides that change what a run computes, sorted, as one path-safe string. Without `keep_path_keys`
-    the keys that are path components already (model, variant, rank, ...) are left out too."""
-    skip = NON_SEMANTIC if keep_path_keys else NON_SEMANTIC + PATH_KEYS
+    the keys that are path components already (model, variant, rank, ...) are left out too; their sub-keys
+    (task.n_train, model.target_modules, ...) always stay."""
     keep = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if not any(key == k or key.startswith(k + ".") for k in skip):
-            keep.append(item.lstrip("+"))
+        if any(key == k or key.startswith(k + ".") for k in NON_SEMANTIC):
+            continue
+        if not keep_path_keys and key in PATH_KEYS:
+            continue
+        keep.append(item.lstrip("+"))
     return ",".join(sorted(keep)).replace("/", "_")
 
 

@@ -47,7 +47,7 @@ def check_inputs(cfg):
             f"model {cfg.model.name!r}: head_modules {missing_heads} do not exist in {type(skeleton).__name__}"
         )
     targets = find_targets(skeleton, target_modules(cfg), exclude=list(cfg.model.head_modules))
-    check_rank(skeleton, targets, cfg.rank)
+    check_rank(skeleton, targets, cfg.rank, variant.max_rank)
     return variant, targets
 
 

@@ -42,12 +42,16 @@ def matrix_shape(weight_shape) -> tuple[int, int]:
     return int(weight_shape[0]), int(math.prod(weight_shape[1:]))
 
 
-def check_rank(model: nn.Module, targets: list[str], rank: int) -> None:
+def check_rank(model: nn.Module, targets: list[str], rank: int, max_rank=min) -> None:
+    """`max_rank(out, in)`: the variant's bound (min(out, in) for LoRA; LoRA-GA needs 2r <= min(out, in))."""
     modules = dict(model.named_modules())
     for name in targets:
         out_f, in_f = matrix_shape(modules[name].weight.shape)
-        if rank > min(out_f, in_f):
+        bound = max_rank(out_f, in_f)
+        if rank > bound:
             raise ConfigError(
-                f"rank={rank} exceeds min(out, in)={min(out_f, in_f)} of target layer {name!r} "
-                f"(weight {tuple(modules[name].weight.shape)} -> matrix {out_f}x{in_f}); use rank <= {min(out_f, in_f)}"
+                f"rank={rank} exceeds the largest rank {bound} this variant allows on target layer {name!r} "
+                f"(weight {tuple(modules[name].weight.shape)} -> matrix {out_f}x{in_f}, "
+                f"min(out, in)={min(out_f, in_f)}); "
+                f"use rank <= {bound}"
             )

@@ -43,6 +43,10 @@ class Variant:
         `ctx.train_batches` gives training batches for data-dependent initialisation (LoRA-GA's gradients)."""
         raise NotImplementedError
 
+    def max_rank(self, out_features: int, in_features: int) -> int:
+        """The largest rank this variant can use on an out×in matrix."""
+        return min(out_features, in_features)
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]

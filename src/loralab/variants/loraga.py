@@ -77,6 +77,9 @@ class LoraGA(Lora):
         if cfg.grad_batches <= 0 or cfg.grad_batch_size <= 0:
             raise ConfigError(f"variant.grad_batches={cfg.grad_batches} and grad_batch_size must be positive")
 
+    def max_rank(self, out_features, in_features):
+        return min(out_features, in_features) // 2  # A0 and B0 take 2r distinct singular directions of G
+
     def gradients(self, model, targets, ctx) -> dict[str, torch.Tensor]:
         cache = Path(self.cfg.grad_cache) if self.cfg.grad_cache else None
         if cache is not None and cache.exists():

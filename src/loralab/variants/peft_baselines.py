@@ -134,6 +134,9 @@ class LoraGAPeft(Lora):
     name = "loraga_peft"
     config_class = LoraGAVariantConfig
 
+    def max_rank(self, out_features, in_features):
+        return min(out_features, in_features) // 2
+
     def peft_config(self, targets, head_modules, ctx):
         config = super().peft_config(targets, head_modules, ctx)
         config.init_lora_weights = "lora_ga"
