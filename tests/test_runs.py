@@ -84,6 +84,11 @@ def test_wandb_offline_run_reads_back(compose_cfg, tmp_path):
     assert logged and logged[-1] == pytest.approx(record["curves"]["train/loss"][-1][1])
     assert run["summary"]["test/accuracy"] == pytest.approx(record["metrics"]["test/accuracy"])
     assert run["exit_code"] == 0
+    logged = {k: v for row in run["history"] for k, v in row.items()}
+    assert logged["analysis/spectrum"]["_type"] == logged["analysis/amplification"]["_type"] == "table-file"
+    assert logged["analysis/spectrum"]["nrows"] == 4  # 2 layers x {query, value}
+    assert logged["analysis/spectrum_heatmap"]["_type"] == "image-file"
+    assert record["analysis"]["spectrum"] and record["analysis"]["amplification"]
 
 
 def test_sweep_writes_results_and_wandb_runs_then_skips(tmp_path):

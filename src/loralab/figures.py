@@ -212,6 +212,22 @@ def heatmap(ax, grid: np.ndarray, title: str, fig):
     fig.colorbar(im, ax=ax, label="φ(i, j)")
 
 
+def spectrum_heatmap(spectrum_rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Per-run image: σ_i/σ_1 of ΔW for every adapted matrix (rows) — logged to W&B by each job."""
+    spec = pd.DataFrame(spectrum_rows)
+    grid = np.array([np.array(s) / s[0] if s and s[0] > 0 else np.zeros(len(s)) for s in spec.singular_values])
+    fig, ax = plt.subplots(figsize=(7, 0.25 * len(spec) + 1.5), layout="constrained")
+    im = ax.imshow(grid, cmap="magma", vmin=0, vmax=1, aspect="auto")
+    ax.set(
+        yticks=range(len(spec)), yticklabels=spec.name, xlabel="singular value index i", title=title or "ΔW spectrum"
+    )
+    ax.tick_params(axis="y", labelsize=6)
+    fig.colorbar(im, ax=ax, label="σ_i / σ_1")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 # --- the figures -------------------------------------------------------------------------------------------------
 def render(results: str | Path, experiment: str, out: str | Path) -> Path:
     frame = runs_frame(results, experiment)

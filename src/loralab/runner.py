@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from loralab.analysis.per_run import per_run_analysis
 from loralab.config import ConfigError, target_modules, validate
+from loralab.figures import spectrum_heatmap
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
 from loralab.results import BASES_FILE, RESULT_FILE, PeakMemory, override_tag, provenance, read_result, run_dir
@@ -130,6 +131,9 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                     save_file(bases, str(tmp))
                 for name, rows in tables.items():
                     tracker.log_table(f"analysis/{name}", rows)
+                if tracker.location:  # a real W&B run: the ΔW spectrum heatmap as an image
+                    image = spectrum_heatmap(tables["spectrum"], out / "spectrum_heatmap.png", f"ΔW spectra, {out}")
+                    tracker.log_image("analysis/spectrum_heatmap", str(image))
             if cfg.save_weights and accelerator.is_main_process:
                 with atomic_dir(out / "weights") as tmp:
                     variant.save(accelerator.unwrap_model(model), tmp)

@@ -130,6 +130,16 @@ def _payloads(path: Path) -> Iterator[bytes]:
             parts = []
 
 
+def _put(target: dict, item) -> None:
+    """Items of logged media (tables, images) arrive as nested keys: rebuild {key: {field: value}}."""
+    import json  # noqa: PLC0415
+
+    keys = [item.key] if item.key else list(item.nested_key)
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+    target[keys[-1]] = json.loads(item.value_json)
+
+
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     """Config, history rows, summary, name, group and tags of an offline W&B run directory."""
     import json  # noqa: PLC0415
@@ -148,13 +158,13 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
-            out["history"].append(
-                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            )
+            row: dict[str, Any] = {}
+            for item in record.history.item:
+                _put(row, item)
+            out["history"].append(row)
         elif kind == "summary":
-            out["summary"].update(
-                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update}
-            )
+            for item in record.summary.update:
+                _put(out["summary"], item)
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     return out
