@@ -122,6 +122,19 @@ def time_steps(args) -> dict[str, float]:
     return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
 
 
+def peak_above_now(fn, cuda: bool) -> float:
+    """Peak memory (MB) while fn() runs, above what is in use now: CUDA allocator peak on GPU, sampled RSS on CPU."""
+    mem = PeakMemory(interval=0.002)
+    baseline = mem.proc.memory_info().rss
+    if cuda:
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+    with mem:
+        fn()
+    peak = torch.cuda.max_memory_allocated() if cuda else mem.peak_rss
+    return (peak - baseline) / 2**20
+
+
 def memory_of(name, args) -> dict[str, float]:
     """Run in a fresh subprocess (see main)."""
     base, batch, targets, data = setup(args)
@@ -140,22 +153,11 @@ def memory_of(name, args) -> dict[str, float]:
     loss.backward()
     opt.zero_grad(set_to_none=True)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    mem = PeakMemory(interval=0.002)
-    baseline = mem.proc.memory_info().rss
-    if batch["input_ids"].is_cuda:
-        torch.cuda.synchronize()
-        base_alloc = torch.cuda.memory_allocated()
-    with mem:
-        for _ in range(2):
-            train_step(model, opt, batch)
-    if batch["input_ids"].is_cuda:
-        peak = torch.cuda.max_memory_allocated() - base_alloc
-    else:
-        peak = mem.peak_rss - baseline
+    peak = peak_above_now(lambda: [train_step(model, opt, batch) for _ in range(2)], batch["input_ids"].is_cuda)
     return {
         "kept_mb": (kept_backward + 3 * trainable) / 2**20,
         "saved_for_backward_mb": kept_backward / 2**20,
-        "peak_mb": peak / 2**20,
+        "peak_mb": peak,
         "trainable_params": trainable // 4,
     }
 
@@ -199,16 +201,8 @@ def loraga_init_times(args) -> dict[str, float]:
 def init_memory_of(which, args) -> dict[str, float]:
     """Run in a fresh subprocess: peak memory of the init above the loaded model."""
     base, batch, targets, data = setup(args)
-    mem = PeakMemory(interval=0.002)
-    baseline = mem.proc.memory_info().rss
-    if batch["input_ids"].is_cuda:
-        torch.cuda.synchronize()
-        base_alloc = torch.cuda.memory_allocated()
-    with mem:
-        run_loraga_init(which, base, targets, data, args)
-    if batch["input_ids"].is_cuda:
-        return {"peak_mb": (torch.cuda.max_memory_allocated() - base_alloc) / 2**20}
-    return {"peak_mb": (mem.peak_rss - baseline) / 2**20}
+    init = lambda: run_loraga_init(which, base, targets, data, args)  # noqa: E731
+    return {"peak_mb": peak_above_now(init, batch["input_ids"].is_cuda)}
 
 
 def in_subprocess(args, *extra) -> dict:
