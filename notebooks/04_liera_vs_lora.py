@@ -35,8 +35,7 @@ figures.spectrum_table(runs)
 # %%
 digits = load_runs(RESULTS, status="completed", experiment="digits_transfer")
 if not digits.empty:
-    digits["targets"] = ""
-    display(figures.variant_table(digits, targets=None))
+    display(figures.lr_table(digits))
 
 # %%
 paper, source = figures.reference(RESULTS, "liera_main")

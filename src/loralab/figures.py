@@ -147,6 +147,14 @@ def variant_table(frame: pd.DataFrame, targets: str | None = "qv") -> pd.DataFra
     return pd.concat([acc.round(2), params.astype("Int64")], axis=1)
 
 
+def lr_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy (%) per variant × (rank, learning rate): methods compared at their own best lr too."""
+    frame = frame.assign(lr=[r["config"]["train"]["lr"] for r in frame.record])
+    table = frame[frame.seed == 0].pivot_table(index="variant", columns=["rank", "lr"], values="test/accuracy") * 100
+    table.columns = [f"r={r}, lr={lr:g}" for r, lr in table.columns]
+    return table.round(2)
+
+
 def loss_curves(frame: pd.DataFrame, rank: int = 8, targets: str = "qv", steps: int = 60) -> dict[str, np.ndarray]:
     curves = {}
     for _, run in frame[(frame["rank"] == rank) & (frame.seed == 0) & (frame.targets == targets)].iterrows():
@@ -332,11 +340,10 @@ def render(results: str | Path, experiment: str, out: str | Path) -> Path:
         )
     digits = load_runs(results, status="completed", experiment="digits_transfer")
     if not digits.empty:
-        digits["targets"] = ""
         w.table(
             "liera_vs_lora_digits",
-            "Conv adapters: digits 0-4 -> 5-9 transfer, test accuracy (%)",
-            variant_table(digits, targets=None),
+            "Conv adapters: digits 0-4 -> 5-9 transfer, test accuracy (%) by rank and learning rate",
+            lr_table(digits),
             note="ConvNeXt-V2 (2 stages, 103k params) pretrained on digits 0-4, 120 steps on 200 images of 5-9",
         )
 
