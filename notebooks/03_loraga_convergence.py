@@ -44,3 +44,10 @@ for rank in sorted(runs[runs.variant == "loraga"]["rank"].unique()):
     for variant, values in figures.loss_curves(runs, rank=rank, steps=150).items():
         early[(variant, rank)] = figures.early_loss(values)
 pd.DataFrame(early).T.round(4)
+
+# %% [markdown]
+# The premise, measured by every job before training: one plain-SGD step of the variant vs full fine-tuning's
+# −η·G on the same batch. "best scale" is 1 − cos², comparable to the Eckart–Young optimum of a rank-2r update.
+
+# %%
+figures.first_step_table(runs)

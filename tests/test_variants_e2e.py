@@ -20,6 +20,12 @@ def test_variant_runs_end_to_end(compose_cfg, variant):
     assert any(p.is_file() for p in Path(record["weights_dir"]).iterdir())
     if variant != "full":
         assert record["params"]["trainable"] < record["params"]["total"] / 2
+    first = record["analysis"]["first_step"]
+    assert [r["name"] for r in first] == record["adapted_layers"]
+    for row in first:
+        assert row["rel_error_best_scale"] == pytest.approx(1 - row["cosine"] ** 2)
+        if variant == "full":  # full fine-tuning against itself
+            assert row["cosine"] == pytest.approx(1, abs=1e-4)  # a 1e-3 step read back from fp32 weights
 
 
 def test_lierra_adapts_depthwise_and_regular_convs_on_digits(compose_cfg):

@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from loralab.analysis.first_step import first_step_alignment
 from loralab.analysis.per_run import per_run_analysis
 from loralab.config import ConfigError, target_modules, validate
 from loralab.figures import spectrum_heatmap
@@ -106,6 +107,10 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                 total_steps=total_steps(cfg.train, len(data.train), accelerator.num_processes),
                 seed=cfg.seed,
             )
+            first_step = []
+            if cfg.analyze:  # before the variant touches the model: its first SGD step vs full fine-tuning's
+                first_batch = next(device_batches(data, cfg.train.batch_size, cfg.seed, accelerator.device))
+                first_step = first_step_alignment(model, variant, targets, first_batch)
             modules = dict(model.named_modules())
             initial = {n: cpu_copy(modules[n].weight) for n in targets} if cfg.analyze else {}  # W0, pretrained
             start_init = time.perf_counter()
@@ -126,6 +131,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             record["delta_fro_norms"] = {n: float(d.norm()) for n, d in deltas.items()}
             if cfg.analyze and accelerator.is_main_process:
                 tables, bases = per_run_analysis(initial, deltas, variant.factors(model), cfg.rank)
+                tables["first_step"] = first_step
                 record["analysis"] = tables
                 with atomic_path(out / BASES_FILE, suffix=".safetensors") as tmp:
                     save_file(bases, str(tmp))
