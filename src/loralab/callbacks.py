@@ -8,7 +8,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 
 from loralab.analyze import analyze_runs
-from loralab.results import flatten_record, read_result
+from loralab.results import flatten_record, read_result, run_tag
 
 COLUMNS = [
     "model",
@@ -37,6 +37,8 @@ def sweep_runs(sweep_dir: str | Path) -> pd.DataFrame:
 
 def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
     frame = sweep_runs(sweep_dir)
+    if not frame.empty:
+        frame["other overrides"] = [run_tag(r) for r in frame.run_dir]
     return frame[[c for c in COLUMNS if c in frame.columns]] if not frame.empty else frame
 
 

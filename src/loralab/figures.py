@@ -33,6 +33,7 @@ def runs_frame(results: str | Path, experiment: str) -> pd.DataFrame:
         raise SystemExit(f"no completed runs of experiment {experiment!r} under {results}")
     tags = [run_tag(r["run_dir"]) for r in frame.record]
     frame["targets"] = [tag_value(t, "targets") for t in tags]
+    frame["lr_override"] = [tag_value(t, "train.lr") for t in tags]
     return frame
 
 
@@ -57,8 +58,14 @@ def matrix_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def at_default_lr(frame: pd.DataFrame) -> pd.DataFrame:
+    """Runs at their variant's default learning rate (the lr-sweep runs only enter `lr_table`)."""
+    return frame[frame.lr_override == ""] if "lr_override" in frame else frame
+
+
 def rank_table(frame: pd.DataFrame, variant: str = "lora", seed: int = 0) -> pd.DataFrame:
     """Table 6: test accuracy (%) by adapted weight set × rank."""
+    frame = at_default_lr(frame)
     sub = frame[(frame.variant == variant) & (frame.seed == seed) & frame.targets.isin(TARGET_SETS)]
     table = sub.pivot_table(index="targets", columns="rank", values="test/accuracy") * 100
     table.index = [TARGET_SETS[t] for t in table.index]
@@ -92,7 +99,7 @@ def mean_phi(result: dict, matrix: str, basis: str = "A_right") -> np.ndarray:
 
 def amplification_rows(frame: pd.DataFrame, ranks=(4, 64), targets: str = "qv", matrix: str = "query") -> pd.DataFrame:
     """Table 7 quantities of W_q at the paper's layer and the mean over layers, per rank."""
-    rows = {}
+    rows, frame = {}, at_default_lr(frame)
     for rank in ranks:
         sub = frame[
             (frame.variant == "lora") & (frame["rank"] == rank) & (frame.seed == 0) & (frame.targets == targets)
@@ -119,7 +126,7 @@ def amplification_rows(frame: pd.DataFrame, ranks=(4, 64), targets: str = "qv", 
 
 def spectrum_table(frame: pd.DataFrame, targets: str = "qv") -> pd.DataFrame:
     """Mean over adapted matrices of ΔW's stable rank, 90%-energy rank and numerical rank, per variant × rank."""
-    rows = []
+    rows, frame = [], at_default_lr(frame)
     for _, run in frame[(frame.seed == 0) & (frame.targets == targets)].iterrows():
         spec = pd.DataFrame(run.record.get("analysis", {}).get("spectrum", []))
         if spec.empty:
@@ -137,7 +144,9 @@ def spectrum_table(frame: pd.DataFrame, targets: str = "qv") -> pd.DataFrame:
 
 
 def variant_table(frame: pd.DataFrame, targets: str | None = "qv") -> pd.DataFrame:
-    sub = frame[frame.seed == 0]
+    """Test accuracy (%) and trainable parameters per variant × rank, at each variant's default lr."""
+    sub = at_default_lr(frame)
+    sub = sub[sub.seed == 0]
     if targets is not None:
         sub = sub[sub.targets == targets]
     acc = sub.pivot_table(index="variant", columns="rank", values="test/accuracy") * 100
@@ -149,7 +158,7 @@ def variant_table(frame: pd.DataFrame, targets: str | None = "qv") -> pd.DataFra
 
 def first_step_table(frame: pd.DataFrame, targets: str = "qv") -> pd.DataFrame:
     """Mean over adapted matrices of each variant's first-SGD-step alignment with full fine-tuning (same batch)."""
-    rows = []
+    rows, frame = [], at_default_lr(frame)
     for _, run in frame[(frame.seed == 0) & (frame.targets == targets)].iterrows():
         first = pd.DataFrame(run.record.get("analysis", {}).get("first_step", []))
         if first.empty:
@@ -168,8 +177,10 @@ def first_step_table(frame: pd.DataFrame, targets: str = "qv") -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["rank", "variant"]).round(4).reset_index(drop=True)
 
 
-def lr_table(frame: pd.DataFrame) -> pd.DataFrame:
+def lr_table(frame: pd.DataFrame, targets: str | None = None) -> pd.DataFrame:
     """Test accuracy (%) per variant × (rank, learning rate): methods compared at their own best lr too."""
+    if targets is not None:
+        frame = frame[frame.targets == targets]
     frame = frame.assign(lr=[r["config"]["train"]["lr"] for r in frame.record])
     table = frame[frame.seed == 0].pivot_table(index="variant", columns=["rank", "lr"], values="test/accuracy") * 100
     table.columns = [f"r={r}, lr={lr:g}" for r, lr in table.columns]
@@ -177,7 +188,7 @@ def lr_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def loss_curves(frame: pd.DataFrame, rank: int = 8, targets: str = "qv", steps: int = 60) -> dict[str, np.ndarray]:
-    curves = {}
+    curves, frame = {}, at_default_lr(frame)
     for _, run in frame[(frame["rank"] == rank) & (frame.seed == 0) & (frame.targets == targets)].iterrows():
         values = np.array([v for _, v in run.record["curves"]["train/loss"][:steps]])
         curves[run.variant] = values
@@ -376,6 +387,9 @@ def render(results: str | Path, experiment: str, out: str | Path) -> Path:
             paper=liera,
             paper_setup=source,
         )
+    by_lr = lr_table(frame[frame.variant.isin(["lora", "lierra"]) & (frame["rank"] == 8)], targets="qv")
+    if by_lr.shape[1] > 1:
+        w.table("liera_vs_lora_lr", "LoRA vs LieRA at r=8 across learning rates, test accuracy (%)", by_lr)
     digits = load_runs(results, status="completed", experiment="digits_transfer")
     if not digits.empty:
         w.table(
@@ -395,7 +409,8 @@ def render(results: str | Path, experiment: str, out: str | Path) -> Path:
             paper_setup="LoRA §4.1; LieRA §3 (qualitative)",
         )
         fig, ax = plt.subplots(figsize=(6, 4))
-        for _, run in frame[(frame["rank"] == 8) & (frame.seed == 0) & (frame.targets == "qv")].iterrows():
+        base = at_default_lr(frame)
+        for _, run in base[(base["rank"] == 8) & (base.seed == 0) & (base.targets == "qv")].iterrows():
             spec = pd.DataFrame(run.record["analysis"]["spectrum"])
             mid = paper_layer(list(spec.name))
             row = spec[(spec.name.map(layer_of) == mid) & (spec.name.map(matrix_of) == "query")].iloc[0]
