@@ -124,23 +124,25 @@ def amplification_rows(frame: pd.DataFrame, ranks=(4, 64), targets: str = "qv", 
     return table
 
 
-def spectrum_table(frame: pd.DataFrame, targets: str = "qv") -> pd.DataFrame:
-    """Mean over adapted matrices of ΔW's stable rank, 90%-energy rank and numerical rank, per variant × rank."""
+def per_run_means(frame: pd.DataFrame, analysis: str, columns: dict[str, str], targets: str = "qv") -> pd.DataFrame:
+    """One row per seed-0 run (variant, rank): the mean over adapted matrices of `columns` of a per-run analysis
+    table (`analysis` key of the result JSON); {output name: column}."""
     rows, frame = [], at_default_lr(frame)
     for _, run in frame[(frame.seed == 0) & (frame.targets == targets)].iterrows():
-        spec = pd.DataFrame(run.record.get("analysis", {}).get("spectrum", []))
-        if spec.empty:
-            continue
-        rows.append(
-            {
-                "variant": run.variant,
-                "rank": run["rank"],
-                "stable_rank": spec.stable_rank.mean(),
-                "rank_90%_energy": spec.rank_energy.mean(),
-                "numerical_rank": spec.numerical_rank.mean(),
-            }
-        )
-    return pd.DataFrame(rows).sort_values(["variant", "rank"]).round(2).reset_index(drop=True)
+        table = pd.DataFrame(run.record.get("analysis", {}).get(analysis, []))
+        if not table.empty:
+            rows.append(
+                {"variant": run.variant, "rank": run["rank"], **{k: table[c].mean() for k, c in columns.items()}}
+            )
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).sort_values(["rank", "variant"]).round(4).reset_index(drop=True)
+
+
+def spectrum_table(frame: pd.DataFrame, targets: str = "qv") -> pd.DataFrame:
+    """ΔW's stable rank, 90%-energy rank and numerical rank (means over adapted matrices), per variant × rank."""
+    columns = {"stable_rank": "stable_rank", "rank_90%_energy": "rank_energy", "numerical_rank": "numerical_rank"}
+    return per_run_means(frame, "spectrum", columns, targets)
 
 
 def variant_table(frame: pd.DataFrame, targets: str | None = "qv") -> pd.DataFrame:
@@ -157,24 +159,13 @@ def variant_table(frame: pd.DataFrame, targets: str | None = "qv") -> pd.DataFra
 
 
 def first_step_table(frame: pd.DataFrame, targets: str = "qv") -> pd.DataFrame:
-    """Mean over adapted matrices of each variant's first-SGD-step alignment with full fine-tuning (same batch)."""
-    rows, frame = [], at_default_lr(frame)
-    for _, run in frame[(frame.seed == 0) & (frame.targets == targets)].iterrows():
-        first = pd.DataFrame(run.record.get("analysis", {}).get("first_step", []))
-        if first.empty:
-            continue
-        rows.append(
-            {
-                "variant": run.variant,
-                "rank": run["rank"],
-                "cosine": first.cosine.mean(),
-                "rel. error (best scale)": first.rel_error_best_scale.mean(),
-                "Eckart-Young optimum (rank 2r)": first.eckart_young_2r.mean(),
-            }
-        )
-    if not rows:
-        return pd.DataFrame()
-    return pd.DataFrame(rows).sort_values(["rank", "variant"]).round(4).reset_index(drop=True)
+    """Each variant's first-SGD-step alignment with full fine-tuning on the same batch (means over matrices)."""
+    columns = {
+        "cosine": "cosine",
+        "rel. error (best scale)": "rel_error_best_scale",
+        "Eckart-Young optimum (rank 2r)": "eckart_young_2r",
+    }
+    return per_run_means(frame, "first_step", columns, targets)
 
 
 def lr_table(frame: pd.DataFrame, targets: str | None = None) -> pd.DataFrame:
