@@ -105,7 +105,6 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             ctx = PrepareContext(
                 train_batches=lambda size: device_batches(data, size, cfg.seed, accelerator.device),
                 total_steps=total_steps(cfg.train, len(data.train), accelerator.num_processes),
-                seed=cfg.seed,
             )
             first_step = []
             if cfg.analyze:  # before the variant touches the model: its first SGD step vs full fine-tuning's

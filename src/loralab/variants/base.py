@@ -24,7 +24,6 @@ class PrepareContext:
 
     train_batches: Callable[[int], Iterator[dict]] | None = None  # batch_size -> training batches on the device
     total_steps: int | None = None  # optimizer steps the run will take (AdaLoRA's schedule needs it)
-    seed: int = 0
 
 
 class Variant:
