@@ -123,6 +123,7 @@ def test_override_tag_keeps_only_what_changes_the_computation():
     tag = override_tag(["variant=lora", "rank=8", "logger=none", "train.lr=1e-3", "paths.results_dir=/x", "seed=1"])
     assert tag == "train.lr=1e-3"
     assert override_tag(["rank=8", "train.lr=1e-3"], keep_path_keys=True) == "rank=8,train.lr=1e-3"
+    assert override_tag(["analyze=false", "save_weights=false", "overwrite=true"]) == ""
     # sub-keys of path groups change the computation: they stay
     assert override_tag(["task=tweet_sentiment", "task.n_train=64", "model.target_modules=[q]"]) == (
         "model.target_modules=[q],task.n_train=64"

@@ -171,3 +171,21 @@ def test_digits_transfer_adapts_conv_kernels(compose_cfg):
     conv_delta = [v for k, v in record["delta_fro_norms"].items() if k.endswith("downsampling_layer.1")]
     assert conv_delta and conv_delta[0] > 0
     assert record["metrics"]["test/accuracy"] > 0.5  # 5 classes: chance is 0.2
+
+
+def test_analyses_do_not_change_the_run(compose_cfg, tmp_path):
+    """analyze=false is non-semantic (same run directory) because the analyses fork the RNG."""
+    with_analysis = run_job(compose_cfg(*TINY_TEXT, "logger=none", "variant=loraga", "rank=4"))
+    without = run_job(
+        compose_cfg(
+            *TINY_TEXT,
+            "logger=none",
+            "variant=loraga",
+            "rank=4",
+            "analyze=false",
+            f"paths.results_dir={tmp_path}/other",
+        )
+    )
+    assert "analysis" in with_analysis and "analysis" not in without
+    assert without["metrics"] == with_analysis["metrics"]
+    assert without["curves"]["train/loss"] == with_analysis["curves"]["train/loss"]

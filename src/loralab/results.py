@@ -36,6 +36,7 @@ NON_SEMANTIC = (
     "logger",
     "overwrite",
     "save_weights",
+    "analyze",  # the analyses fork the RNG: training is the same with or without them
     "paths",
     "train.progress",
     "train.device",

@@ -21,7 +21,7 @@ def first_step_alignment(
     fine-tuning's step is made `relative_step` of ‖W‖ (ΔW read as a weight difference must stay well above the
     weights' rounding). `model` is left untouched; the RNG state is restored, so the calling run is the same with
     or without this analysis."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # CPU and CUDA generators: the probe must not shift the run
         full = copy.deepcopy(model).eval()
         modules = dict(full.named_modules())
         weights = [modules[n].weight for n in targets]
