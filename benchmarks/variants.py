@@ -31,7 +31,7 @@ from loralab.config import TaskConfig
 from loralab.models import resolve_path
 from loralab.results import PeakMemory
 from loralab.targets import find_targets
-from loralab.tasks import load_tweet_sentiment
+from loralab.tasks.offline import load_tweet_sentiment
 from loralab.variants import PrepareContext
 from loralab.variants.lierra import Liera, LieraVariantConfig
 from loralab.variants.lora import Lora, LoraVariantConfig

@@ -54,7 +54,7 @@ def test_paper_model_on_meta_device_is_checked_without_weights(compose_cfg):
     from loralab.models import build_skeleton
 
     cfg = compose_cfg("model=tiny_llama")
-    skeleton = build_skeleton(cfg.model, 2)
+    skeleton = build_skeleton(cfg.model, cfg.task)
     assert all(p.is_meta for p in skeleton.parameters())
 
 

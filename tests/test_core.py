@@ -45,7 +45,7 @@ def _tiny_lora(compose_cfg, tmp_path, *overrides):
     cfg = compose_cfg("model=tiny_bert", "rank=4", *overrides)
     variant, targets = check_inputs(cfg)
     torch.manual_seed(0)
-    model = variant.prepare(build_model(cfg.model, 2, str(tmp_path)), targets, list(cfg.model.head_modules))
+    model = variant.prepare(build_model(cfg.model, cfg.task, str(tmp_path)), targets, list(cfg.model.head_modules))
     return cfg, variant, model
 
 
@@ -69,7 +69,7 @@ def test_lora_delta_is_s_BA_and_equals_peft_merge(compose_cfg, tmp_path):
 def test_full_finetune_delta_is_w_minus_w0(compose_cfg, tmp_path):
     cfg = compose_cfg("model=tiny_bert", "variant=full")
     variant, targets = check_inputs(cfg)
-    model = variant.prepare(build_model(cfg.model, 2, str(tmp_path)), targets, [])
+    model = variant.prepare(build_model(cfg.model, cfg.task, str(tmp_path)), targets, [])
     assert all(p.requires_grad for p in model.parameters())
     assert all(float(d.abs().max()) == 0 for d in variant.delta_weights(model).values())
     layer = dict(model.named_modules())[targets[0]]

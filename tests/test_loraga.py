@@ -33,7 +33,7 @@ def tiny_setup(compose_cfg, tmp_path, *overrides, dtype=torch.float32, model="ti
     tok = build_tokenizer(cfg.model)
     data = load_task(cfg.task, tok)
     torch.manual_seed(0)
-    model = build_model(cfg.model, 2, str(tmp_path)).to(dtype)
+    model = build_model(cfg.model, cfg.task, str(tmp_path)).to(dtype)
     return cfg, variant, targets, data, model
 
 
@@ -67,7 +67,7 @@ def test_init_is_a_noop_on_the_real_default_model(compose_cfg, tmp_path):
     variant, targets = check_inputs(cfg)
     data = load_task(cfg.task, build_tokenizer(cfg.model))
     torch.manual_seed(0)
-    base = build_model(cfg.model, 2, str(tmp_path)).eval()
+    base = build_model(cfg.model, cfg.task, str(tmp_path)).eval()
     batch = data.collate(data.test)
     with torch.no_grad():
         before = base(**batch).logits

@@ -18,7 +18,7 @@ def test_tiny_text_models_train_with_lora(compose_cfg, model, tmp_path):
     batch = tok(["a great day", "this is terrible, never again"], padding=True, return_tensors="pt")
     batch["labels"] = torch.tensor([1, 0])
     torch.manual_seed(0)
-    model_ = variant.prepare(build_model(cfg.model, 2, str(tmp_path)), targets, list(cfg.model.head_modules))
+    model_ = variant.prepare(build_model(cfg.model, cfg.task, str(tmp_path)), targets, list(cfg.model.head_modules))
     trainable = {n for n, p in model_.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
     loss = model_(**batch).loss

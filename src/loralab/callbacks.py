@@ -17,8 +17,6 @@ COLUMNS = [
     "rank",
     "seed",
     "status",
-    "val/accuracy",
-    "test/accuracy",
     "params/trainable",
     "params/total",
     "wall_time_s",
@@ -39,7 +37,12 @@ def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
     frame = sweep_runs(sweep_dir)
     if not frame.empty:
         frame["other overrides"] = [run_tag(r) for r in frame.run_dir]
-    return frame[[c for c in COLUMNS if c in frame.columns]] if not frame.empty else frame
+    if frame.empty:
+        return frame
+    # every task's test metrics (accuracy, Matthews, pass@1, box AP, ...), not the losses
+    metrics = [c for c in frame.columns if c.startswith("test/") and not c.endswith("loss")]
+    columns = [*COLUMNS[:6], *metrics, *COLUMNS[6:], "other overrides"]
+    return frame[[c for c in columns if c in frame.columns]]
 
 
 class SweepSummary(Callback):

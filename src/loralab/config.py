@@ -42,6 +42,7 @@ class ModelConfig:
     config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
     tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
     modality: str = "text"  # text | image
+    dtype: str | None = None  # weights' dtype when loading (float32 | bfloat16 | float16); None: float32
     target_modules: list[str] = MISSING  # module-name suffixes the variant adapts (PEFT matching rules)
     target_sets: dict[str, list[str]] = field(default_factory=dict)  # named sets, chosen by the top-level `targets`
     head_modules: list[str] = field(default_factory=list)  # new task head: always trained
@@ -49,17 +50,57 @@ class ModelConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Decoding for generation-based evaluation (batched, KV cache). Greedy unless do_sample."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_samples: int = 1  # completions per prompt (HumanEval pass@k needs k <= num_samples)
+    batch_size: int = 16  # prompts per generate call
+    max_prompt_length: int = 1024  # tokens; longer prompts are cut from the left
+
+
+@dataclass
+class JudgeConfig:
+    """An OpenAI-compatible chat endpoint that grades MT-bench answers; without one they are "not judged"."""
+
+    endpoint: str | None = None  # e.g. https://api.openai.com/v1
+    model: str = "gpt-4"
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
-    kind: str = MISSING  # text_classification | image_classification
+    kind: str = MISSING  # text_classification | image_classification | text2text | causal_lm (see CHOICES)
+    loader: str | None = None  # which loader builds it (loralab.tasks.LOADERS); default: `name`
     data_path: str | None = None  # local file or "pkg://<package>/<file>"
-    labels: list[str] = MISSING
+    # Hub data (datasets.load_dataset(dataset, subset)); `data_dir` replaces the hub with a local copy: a
+    # `save_to_disk` directory or files named <split>.{jsonl,json,parquet,csv} (for offline clusters and tests)
+    dataset: str | None = None
+    subset: str | None = None
+    data_dir: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"  # the labelled split reported as "test" (GLUE: the dev set; its test labels are hidden)
+    text_fields: list[str] = field(default_factory=list)  # columns holding the text (one, or a pair)
+    labels: list[str] = field(default_factory=list)  # class names in the dataset's label order
+    label_words: list[str] = field(default_factory=list)  # text2text: the target word of each label
+    label_scoring: str = "first_token"  # text2text: first_token (the official LoRA-GA metric) | sequence
+    prompt: str | None = None  # text2text / causal_lm: the input template (str.format over the example)
     max_length: int = 64  # tokens, text tasks
     n_train: int | None = None  # cap on training examples (None: all that remain)
     n_val: int = 1000
     n_test: int = 2000
+    test_limit: int | None = None  # hub tasks: evaluate on the first N test examples only (smoke runs)
     split_seed: int = 0  # fixed split, independent of the run seed
     min_confidence: float = 0.0  # tweet_sentiment: drop items the annotators agreed on less
+    eval_sets: list[str] = field(default_factory=list)  # causal_lm: benchmarks run as the test split
+    eval_data: dict[str, str] = field(default_factory=dict)  # benchmark -> hub id or local path (overrides)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    sandbox_timeout_s: float = 10.0  # HumanEval: wall-clock limit per program
 
 
 @dataclass
@@ -122,15 +163,23 @@ class RunConfig:
     analyze: bool = True  # per-run analyses of ΔW (spectrum, amplification, subspace bases) at the end of the job
 
 
+# task kind -> (modality, whether the task adds a new, trained head to the model)
+TASK_KINDS = {
+    "text_classification": ("text", True),
+    "image_classification": ("image", True),
+    "text2text": ("text", False),  # encoder-decoder LM, labels as target words (T5)
+    "causal_lm": ("text", False),  # instruction tuning + generation-based evaluation
+}
 CHOICES = {
-    "task.kind": ("text_classification", "image_classification"),
+    "task.kind": tuple(TASK_KINDS),
     "model.modality": ("text", "image"),
     "model.source": ("hf", "package", "config", "digits_0to4"),
+    "model.dtype": (None, "float32", "bfloat16", "float16"),
+    "task.label_scoring": ("first_token", "sequence"),
     "train.precision": ("no", "fp16", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "logger.mode": ("offline", "online", "disabled"),
 }
-TASK_MODALITY = {"text_classification": "text", "image_classification": "image"}
 
 
 def validate(cfg: Any) -> None:
@@ -159,7 +208,15 @@ def validate(cfg: Any) -> None:
         )
     if not cfg.model.target_modules:
         raise ConfigError(f"model.target_modules of model {cfg.model.name!r} is empty")
-    wanted = TASK_MODALITY[cfg.task.kind]
+    task = cfg.task
+    if TASK_KINDS[task.kind][1] and not task.labels:
+        raise ConfigError(f"task {task.name!r} ({task.kind}) needs task.labels (the class names), got none")
+    if task.kind == "text2text" and len(task.label_words) != len(task.labels):
+        raise ConfigError(
+            f"task {task.name!r} (text2text) needs one label word per label: labels={list(task.labels)}, "
+            f"label_words={list(task.label_words)}"
+        )
+    wanted = TASK_KINDS[cfg.task.kind][0]
     if cfg.model.modality != wanted:
         raise ConfigError(
             f"task {cfg.task.name!r} ({cfg.task.kind}) needs a {wanted} model, but model {cfg.model.name!r} "

@@ -10,15 +10,23 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
 )
 
-from loralab.config import ConfigError, ModelConfig
+from loralab.config import ConfigError, ModelConfig, TaskConfig
 
-AUTO_CLASSES = {"text": AutoModelForSequenceClassification, "image": AutoModelForImageClassification}
+# task kind -> the transformers auto class with that task's head
+AUTO_CLASSES = {
+    "text_classification": AutoModelForSequenceClassification,
+    "image_classification": AutoModelForImageClassification,
+    "text2text": AutoModelForSeq2SeqLM,
+    "causal_lm": AutoModelForCausalLM,
+}
 
 
 def resolve_path(path: str) -> str:
@@ -49,21 +57,26 @@ def model_config(cfg: ModelConfig, num_labels: int) -> PretrainedConfig:
     return AutoConfig.for_model(cfg.arch, num_labels=num_labels, **kwargs)
 
 
-def build_skeleton(cfg: ModelConfig, num_labels: int) -> nn.Module:
+def num_labels(task: TaskConfig) -> int:
+    return max(1, len(task.labels))  # one output: regression (STS-B) or a task without a label head
+
+
+def build_skeleton(cfg: ModelConfig, task: TaskConfig) -> nn.Module:
     """The architecture on the meta device: no memory, no weights, instant even for a 7B model.
 
     Used to check target modules and rank before anything is loaded."""
     with torch.device("meta"):
-        return AUTO_CLASSES[cfg.modality].from_config(model_config(cfg, num_labels))
+        return AUTO_CLASSES[task.kind].from_config(model_config(cfg, num_labels(task)))
 
 
-def build_model(cfg: ModelConfig, num_labels: int, cache_dir: str) -> nn.Module:
-    config = model_config(cfg, num_labels)
-    auto = AUTO_CLASSES[cfg.modality]
+def build_model(cfg: ModelConfig, task: TaskConfig, cache_dir: str) -> nn.Module:
+    config = model_config(cfg, num_labels(task))
+    auto = AUTO_CLASSES[task.kind]
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
     if cfg.source in ("hf", "package"):
-        # the task head is new (num_labels differs from any pretraining head): initialised from the run seed
-        return auto.from_pretrained(resolve_path(cfg.path), config=config)
-    model = auto.from_config(config)
+        # a classification head is new (num_labels differs from any pretraining head): initialised from the run seed
+        return auto.from_pretrained(resolve_path(cfg.path), config=config, dtype=dtype)
+    model = auto.from_config(config).to(dtype)
     if cfg.source == "digits_0to4":
         from loralab.digits import load_pretrained_backbone  # noqa: PLC0415
 
@@ -77,4 +90,7 @@ def build_tokenizer(cfg: ModelConfig):
         return None
     if not path:
         raise ConfigError(f"model {cfg.name!r}: a text model needs model.tokenizer or model.path")
-    return AutoTokenizer.from_pretrained(resolve_path(path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(path))
+    if tokenizer.pad_token is None:  # Llama ships none; batching needs one (the official LoRA-GA code does the same)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

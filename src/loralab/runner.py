@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from loralab.analysis.first_step import first_step_alignment
 from loralab.analysis.per_run import per_run_analysis
-from loralab.config import ConfigError, target_modules, validate
+from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
 from loralab.figures import spectrum_heatmap
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
@@ -36,19 +36,24 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)}
 
 
+def head_modules(cfg) -> list[str]:
+    """The new task head, trained in every variant; language-model tasks keep the pretrained LM head frozen."""
+    return list(cfg.model.head_modules) if TASK_KINDS[cfg.task.kind][1] else []
+
+
 def check_inputs(cfg):
     """Everything that can be checked without weights or data; returns (variant, target layer names)."""
     validate(cfg)
     check_data_path(cfg.task)
     variant = get_variant(cfg.variant.name)(cfg.variant, cfg.rank)
-    skeleton = build_skeleton(cfg.model, len(cfg.task.labels))  # meta device: no memory, no download of weights
+    skeleton = build_skeleton(cfg.model, cfg.task)  # meta device: no memory, no download of weights
     names = {n for n, _ in skeleton.named_modules()}
-    missing_heads = [h for h in cfg.model.head_modules if not any(matches(n, h) for n in names)]
+    missing_heads = [h for h in head_modules(cfg) if not any(matches(n, h) for n in names)]
     if missing_heads:
         raise ConfigError(
             f"model {cfg.model.name!r}: head_modules {missing_heads} do not exist in {type(skeleton).__name__}"
         )
-    targets = find_targets(skeleton, target_modules(cfg), exclude=list(cfg.model.head_modules))
+    targets = find_targets(skeleton, target_modules(cfg), exclude=head_modules(cfg))
     check_rank(skeleton, targets, cfg.rank, variant.max_rank)
     return variant, targets
 
@@ -101,7 +106,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             tokenizer = build_tokenizer(cfg.model)
             data = load_task(cfg.task, tokenizer)
             record["data"] = {"fingerprint": data.fingerprint, "sizes": data.sizes}
-            model = build_model(cfg.model, data.num_labels, cfg.paths.cache_dir).to(accelerator.device)
+            model = build_model(cfg.model, cfg.task, cfg.paths.cache_dir).to(accelerator.device)
             ctx = PrepareContext(
                 train_batches=lambda size: device_batches(data, size, cfg.seed, accelerator.device),
                 total_steps=total_steps(cfg.train, len(data.train), accelerator.num_processes),
@@ -113,12 +118,20 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
             modules = dict(model.named_modules())
             initial = {n: cpu_copy(modules[n].weight) for n in targets} if cfg.analyze else {}  # W0, pretrained
             start_init = time.perf_counter()
-            model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
+            model = variant.prepare(model, targets, head_modules(cfg), ctx)
             record["init_time_s"] = round(time.perf_counter() - start_init, 3)
             record["params"] = count_parameters(model)
             record["adapted_layers"] = targets
             result = train(
-                model, variant, data, cfg.train, cfg.seed, tracker, accelerator, checkpoint_dir=out / "checkpoints"
+                model,
+                variant,
+                data,
+                cfg.train,
+                cfg.seed,
+                tracker,
+                accelerator,
+                checkpoint_dir=out / "checkpoints",
+                eval_dir=out / "eval",
             )
             record.update(
                 metrics=result.metrics,

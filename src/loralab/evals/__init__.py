@@ -1,0 +1,1 @@
+"""Evaluation helpers for generation benchmarks: answer extraction, metrics, code execution, judging."""
