@@ -85,7 +85,7 @@ class TaskConfig:
     train_split: str = "train"
     test_split: str = "test"  # the labelled split reported as "test" (GLUE: the dev set; its test labels are hidden)
     text_fields: list[str] = field(default_factory=list)  # columns holding the text (one, or a pair)
-    labels: list[str] = field(default_factory=list)  # class names in the dataset's label order
+    labels: list[str] = field(default_factory=list)  # class names in the dataset's label order; one: regression
     label_words: list[str] = field(default_factory=list)  # text2text: the target word of each label
     label_scoring: str = "first_token"  # text2text: first_token (the official LoRA-GA metric) | sequence
     prompt: str | None = None  # text2text / causal_lm: the input template (str.format over the example)
@@ -96,6 +96,7 @@ class TaskConfig:
     test_limit: int | None = None  # hub tasks: evaluate on the first N test examples only (smoke runs)
     split_seed: int = 0  # fixed split, independent of the run seed
     min_confidence: float = 0.0  # tweet_sentiment: drop items the annotators agreed on less
+    format: str | None = None  # causal_lm: how a training row becomes (prompt, response), see tasks/instruct.py
     eval_sets: list[str] = field(default_factory=list)  # causal_lm: benchmarks run as the test split
     eval_data: dict[str, str] = field(default_factory=dict)  # benchmark -> hub id or local path (overrides)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

@@ -58,7 +58,7 @@ def model_config(cfg: ModelConfig, num_labels: int) -> PretrainedConfig:
 
 
 def num_labels(task: TaskConfig) -> int:
-    return max(1, len(task.labels))  # one output: regression (STS-B) or a task without a label head
+    return max(1, len(task.labels))  # one label: regression (STS-B); language-model tasks have none
 
 
 def build_skeleton(cfg: ModelConfig, task: TaskConfig) -> nn.Module:

@@ -38,6 +38,8 @@ NON_SEMANTIC = (
     "save_weights",
     "analyze",  # the analyses fork the RNG: training is the same with or without them
     "paths",
+    "task.data_dir",  # where a copy of the data lives, not which data: the result records its fingerprint
+    "task.eval_data",
     "train.progress",
     "train.device",
     "train.num_workers",

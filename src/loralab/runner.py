@@ -198,7 +198,7 @@ def format_summary(record: dict, path) -> str:
             )
         )
     for key, value in (record.get("metrics") or {}).items():
-        lines.append((key, f"{value:.4f}"))
+        lines.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
     if record.get("error"):
         lines.append(("error", f"{record['error']['type']}: {record['error']['message']}"))
     mem = record.get("memory", {})

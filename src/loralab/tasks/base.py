@@ -53,6 +53,7 @@ def classification_evaluator(collate: Callable, metrics: Metrics = classificatio
         show = ctx.progress and acc.is_main_process
         for batch in tqdm(loader, desc=ctx.split, leave=False, disable=not show):
             logits, y = acc.gather_for_metrics((model(**batch).logits.float(), batch["labels"]))
+            logits = logits.reshape(len(y), -1)  # some regression heads return (batch,) rather than (batch, 1)
             if logits.shape[-1] == 1:  # regression head (STS-B)
                 loss_sum += torch.nn.functional.mse_loss(logits.squeeze(-1), y.float(), reduction="sum").item()
                 preds.append(logits.squeeze(-1).cpu().numpy())

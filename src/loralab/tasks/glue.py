@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from loralab.config import ConfigError, TaskConfig
-from loralab.evals.metrics import glue_metrics, primary_metric
+from loralab.evals.metrics import classification_metrics, glue_metrics, primary_metric
 from loralab.tasks.base import EvalContext, TaskData, classification_evaluator, fingerprint, holdout_indices
 from loralab.tasks.hub import load_split, require_columns
 
@@ -36,7 +36,7 @@ def glue_rows(cfg: TaskConfig) -> tuple[list[dict], list[dict], list[dict]]:
     columns = [*cfg.text_fields, "label"]
     train_rows = train_ds.select_columns(columns).to_list()
     test_rows = test_ds.select_columns(columns).to_list()
-    if cfg.labels:  # classification: labels are class indices into cfg.labels (-1 marks GLUE's hidden test labels)
+    if len(cfg.labels) > 1:  # classification: class indices into cfg.labels (-1 marks GLUE's hidden test labels)
         bad = sorted({r["label"] for r in train_rows + test_rows if not 0 <= r["label"] < len(cfg.labels)})
         if bad:
             raise ConfigError(f"task {cfg.name!r}: label ids {bad[:5]} outside 0..{len(cfg.labels) - 1}")
@@ -54,7 +54,14 @@ def glue_rows(cfg: TaskConfig) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def glue_metric_fn(cfg: TaskConfig):
-    return lambda predictions, references: glue_metrics(cfg.subset, predictions, references)
+    """GLUE's official metrics for the task, plus accuracy / macro-F1 on every classification task (LoRA-GA reports
+    accuracy on CoLA too)."""
+
+    def metrics(predictions, references):
+        out = glue_metrics(cfg.subset, predictions, references)
+        return out if len(cfg.labels) == 1 else classification_metrics(predictions, references) | out
+
+    return metrics
 
 
 def load_glue(cfg: TaskConfig, tokenizer) -> TaskData:
@@ -62,7 +69,7 @@ def load_glue(cfg: TaskConfig, tokenizer) -> TaskData:
     digest = fingerprint(*[[tuple(r.values()) for r in split] for split in rows])
     if cfg.kind == "text2text":
         return text2text_task(cfg, tokenizer, rows, digest)
-    regression = not cfg.labels  # STS-B: one output, a similarity score
+    regression = len(cfg.labels) == 1  # STS-B: one "label", the similarity score: a one-output regression head
 
     def encode(split_rows):
         texts = [[r[f] for r in split_rows] for f in cfg.text_fields]
@@ -80,7 +87,7 @@ def load_glue(cfg: TaskConfig, tokenizer) -> TaskData:
         val=by_length(val) if val else [],
         test=by_length(test),
         collate=collate,
-        num_labels=max(1, len(cfg.labels)),
+        num_labels=len(cfg.labels),
         fingerprint=digest,
         evaluate=classification_evaluator(collate, glue_metric_fn(cfg)),
         metric=primary_metric(cfg.subset),
@@ -96,7 +103,10 @@ def t5_input(cfg: TaskConfig, row: dict) -> str:
 
 
 def label_word_ids(cfg: TaskConfig, tokenizer) -> list[list[int]]:
-    ids = [tokenizer(word, add_special_tokens=True)["input_ids"] for word in cfg.label_words]
+    # the word's tokens + the end-of-sequence token, as T5's tokenizer encodes a target (tiny test models share a
+    # WordPiece tokenizer whose special tokens would otherwise put [CLS] first in every word)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"] + [eos] for word in cfg.label_words]
     if cfg.label_scoring == "first_token":
         firsts = [seq[0] for seq in ids]
         if len(set(firsts)) < len(firsts):
@@ -129,7 +139,7 @@ def text2text_task(cfg: TaskConfig, tokenizer, rows, digest: str) -> TaskData:
         num_labels=len(cfg.labels),
         fingerprint=digest,
         evaluate=label_word_evaluator(cfg, collate, words),
-        metric=primary_metric(cfg.subset),
+        metric=primary_metric(cfg.subset, convention="loraga"),  # the paper's T5 table: accuracy everywhere
     )
 
 
@@ -140,9 +150,10 @@ def label_word_evaluator(cfg: TaskConfig, collate, words: list[list[int]]):
     @torch.no_grad()
     def evaluate(model, examples: list, ctx: EvalContext) -> dict[str, float]:
         acc = ctx.accelerator
-        strip = lambda batch: collate([{k: v for k, v in e.items() if k != "class_id"} for e in batch]) | {
-            "class_id": torch.tensor([e["class_id"] for e in batch])
-        }
+        strip = lambda batch: (
+            collate([{k: v for k, v in e.items() if k != "class_id"} for e in batch])
+            | {"class_id": torch.tensor([e["class_id"] for e in batch])}
+        )
         loader = acc.prepare_data_loader(DataLoader(examples, batch_size=ctx.batch_size, collate_fn=strip))
         model.eval()
         preds, refs, loss_sum, n = [], [], 0.0, 0

@@ -1,0 +1,313 @@
+"""Instruction tuning of a causal LM, evaluated by generation on benchmarks (LoRA-GA's Llama-2 runs, LieRA's
+commonsense runs).
+
+Training data follow the official LoRA-GA code (`reproduce/data.py`): rows of the hub dataset are taken in file
+order (their `dataset.shuffle(seed=42)` result is discarded, so no shuffle happens), mapped to (prompt x,
+response y), filtered, and the first `n_train` kept rows train while the next `n_val` form the validation set
+(validation loss only); the model sees x + " " + y + EOS with the loss on the response tokens only.
+
+The test split is the benchmarks in `task.eval_sets`, all by batched generation with a KV cache (greedy unless
+`task.generation.do_sample`): GSM8K accuracy, HumanEval pass@k (programs run only in `evals.sandbox`), MT-bench
+first-turn answers (judged only through `task.judge.endpoint`; otherwise reported "not judged"), and the eight
+commonsense tasks (LLM-Adapters' answer extraction).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from loralab.config import ConfigError, GenerationConfig, TaskConfig
+from loralab.evals import commonsense, gsm8k, humaneval, mtbench
+from loralab.models import resolve_path
+from loralab.tasks.base import EvalContext, TaskData, fingerprint
+from loralab.tasks.hub import load_split, require_columns
+
+# Alpaca's no-input template, as LoRA-GA uses it for Code-Feedback and WizardLM
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def first_code_block(answer: str) -> str:
+    """Everything up to the end of the first ``` block (LoRA-GA keeps only that of a Code-Feedback answer)."""
+    return "```".join(answer.split("```")[:2]) + "```"
+
+
+# format -> (columns it needs, keep(row), row -> (prompt, response))
+FORMATS: dict[str, tuple[list[str], Callable[[dict], bool], Callable[[dict], tuple[str, str]]]] = {
+    "metamath": (
+        ["query", "response", "type"],
+        lambda r: "GSM" in r["type"],
+        lambda r: (gsm8k.prompt(r["query"]), gsm8k.metamath_target(r["response"])),
+    ),
+    "codefeedback": (
+        ["query", "answer"],
+        lambda r: "```" in r["answer"],
+        lambda r: (ALPACA.format(instruction=r["query"]), first_code_block(r["answer"])),
+    ),
+    "wizardlm": (
+        ["instruction", "output"],
+        lambda r: "sorry" not in r["output"].lower() and "as an ai" not in r["output"].lower(),
+        lambda r: (ALPACA.format(instruction=r["instruction"]), r["output"]),
+    ),
+    "commonsense": (
+        ["instruction", "output"],
+        lambda r: True,
+        lambda r: (commonsense.prompt(r["instruction"]), r["output"]),
+    ),
+}
+EVAL_SETS = ("gsm8k", "humaneval", "mtbench", *commonsense.COMMONSENSE_TASKS)
+DEFAULT_EVAL_DATA = {  # benchmark -> hub id (task.eval_data.<name>=<hub id or local path> overrides)
+    "gsm8k": "openai/gsm8k",
+    "humaneval": "openai/openai_humaneval",
+    "mtbench": "HuggingFaceH4/mt_bench_prompts",
+    # the commonsense test sets are LLM-Adapters' files (dataset/<name>/test.json in their GitHub repository):
+    # task.eval_data.commonsense=<that dataset directory>
+}
+
+
+def check_instruct(cfg: TaskConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"task {cfg.name!r}: format={cfg.format!r}; choose one of {sorted(FORMATS)}")
+    unknown = [s for s in cfg.eval_sets if s not in EVAL_SETS]
+    if unknown:
+        raise ConfigError(f"task {cfg.name!r}: unknown eval_sets {unknown}; known: {list(EVAL_SETS)}")
+
+
+def sft_pairs(cfg: TaskConfig, tokenizer) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, val) (prompt, response) pairs: kept rows in file order, shorter than max_length tokens in all."""
+    columns, keep, to_pair = FORMATS[cfg.format]
+    rows = load_split(cfg.dataset, cfg.subset, cfg.train_split, cfg.data_dir)
+    require_columns(rows, columns, f"task {cfg.name!r} ({cfg.format})")
+    wanted = (cfg.n_train if cfg.n_train is not None else len(rows)) + cfg.n_val
+    pairs = []
+    for row in rows.select_columns(columns):
+        if len(pairs) >= wanted:
+            break
+        if not keep(row):
+            continue
+        x, y = to_pair(row)
+        if len(tokenizer(f"{x} {y}")["input_ids"]) < cfg.max_length:  # the official length filter
+            pairs.append((x, y))
+    n_train = len(pairs) - cfg.n_val if cfg.n_train is None else min(cfg.n_train, len(pairs) - cfg.n_val)
+    if n_train <= 0:
+        raise ConfigError(
+            f"task {cfg.name!r}: {len(pairs)} usable rows leave nothing to train on with n_val={cfg.n_val}"
+        )
+    return pairs[:n_train], pairs[n_train : n_train + cfg.n_val]
+
+
+def eos_token(tokenizer) -> str:
+    return tokenizer.eos_token or tokenizer.sep_token  # tiny test models share a WordPiece tokenizer ([SEP])
+
+
+def encode_pair(tokenizer, x: str, y: str, max_length: int) -> dict:
+    ids = tokenizer(f"{x} {y}{eos_token(tokenizer)}", truncation=True, max_length=max_length)["input_ids"]
+    n_prompt = len(tokenizer(x)["input_ids"])
+    return {"input_ids": ids, "labels": [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]}
+
+
+def pad_collate(pad_id: int) -> Callable[[list[dict]], dict]:
+    """Right-pad input_ids (pad), attention_mask (0) and labels (-100) to the batch's longest example."""
+
+    def collate(batch: list[dict]) -> dict:
+        n = max(len(e["input_ids"]) for e in batch)
+        pad = lambda seq, value: seq + [value] * (n - len(seq))
+        return {
+            "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in batch]),
+            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in batch]),
+            "labels": torch.tensor([pad(e["labels"], -100) for e in batch]),
+        }
+
+    return collate
+
+
+# --- benchmarks ----------------------------------------------------------------------------------------------
+
+
+def _source(cfg: TaskConfig, name: str) -> tuple[str | None, str | None]:
+    """(hub id, local directory) of a benchmark's data."""
+    where = cfg.eval_data.get(name) or DEFAULT_EVAL_DATA.get(name)
+    if where is None:
+        raise ConfigError(f"task {cfg.name!r}: no data for benchmark {name!r}: set task.eval_data.{name}=<path>")
+    local = Path(resolve_path(where))
+    return (None, str(local)) if local.exists() else (where, None)
+
+
+def benchmark_items(cfg: TaskConfig) -> list[dict]:
+    """Test examples of every benchmark in eval_sets: {"set", "prompt", ...what its scorer needs}."""
+    items = []
+    for name in cfg.eval_sets:
+        if name == "gsm8k":
+            hub, local = _source(cfg, name)
+            ds = load_split(hub, "main" if hub else None, "test", local)
+            rows = [{"set": name, "prompt": gsm8k.prompt(r["question"]), "reference": r["answer"]} for r in ds]
+        elif name == "humaneval":
+            hub, local = _source(cfg, name)
+            problems = humaneval.load_humaneval(hub or "openai/openai_humaneval", local)
+            rows = [{"set": name, "prompt": humaneval.build_prompt(p["prompt"]), "problem": p} for p in problems]
+        elif name == "mtbench":
+            hub, local = _source(cfg, name)
+            questions = mtbench.load_mtbench_questions(hub or local)
+            rows = [{"set": name, "prompt": ALPACA.format(instruction=q["turns"][0]), "question": q} for q in questions]
+        else:  # commonsense: LLM-Adapters' dataset/<dir>/test.json
+            root = cfg.eval_data.get("commonsense")
+            if root is None:
+                raise ConfigError(
+                    f"task {cfg.name!r}: benchmark {name!r} needs task.eval_data.commonsense=<LLM-Adapters dataset dir>"
+                )
+            path = Path(resolve_path(root)) / commonsense.DATASET_DIRS[name] / "test.json"
+            if not path.is_file():
+                raise ConfigError(f"task {cfg.name!r}: {path} does not exist (LLM-Adapters layout expected)")
+            data = json.loads(path.read_text())
+            rows = [{"set": name, "prompt": commonsense.prompt(r["instruction"]), "answer": r["answer"]} for r in data]
+        items += rows[: cfg.test_limit] if cfg.test_limit is not None else rows
+    return items
+
+
+def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, ctx: EvalContext) -> list[list[str]]:
+    """`gen.num_samples` completions per prompt: this process's share, batched (length-sorted, left padding,
+    KV cache), gathered back in prompt order on every process."""
+    acc = ctx.accelerator
+    mine = list(range(acc.process_index, len(prompts), acc.num_processes))
+    mine.sort(key=lambda i: len(prompts[i]))
+    net = acc.unwrap_model(model)
+    net.eval()
+    side, trunc = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # generation continues at the right edge
+    sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}
+    out: list[tuple[int, list[str]]] = []
+    try:
+        show = ctx.progress and acc.is_main_process
+        for start in tqdm(range(0, len(mine), gen.batch_size), desc=f"{ctx.split} generate", disable=not show):
+            idx = mine[start : start + gen.batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=gen.max_prompt_length,
+            ).to(acc.device)
+            enc.pop("token_type_ids", None)
+            with torch.no_grad():
+                seqs = net.generate(
+                    **enc,
+                    max_new_tokens=gen.max_new_tokens,
+                    num_return_sequences=gen.num_samples,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.convert_tokens_to_ids(eos_token(tokenizer)),
+                    **({"do_sample": False} | sampling),
+                )
+            texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for k, i in enumerate(idx):
+                out.append((i, texts[k * gen.num_samples : (k + 1) * gen.num_samples]))
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side, trunc
+        net.train()
+    gathered = gather_object(out) if acc.num_processes > 1 else out
+    return [texts for _, texts in sorted(gathered, key=lambda t: t[0])]
+
+
+def score(cfg: TaskConfig, name: str, items: list[dict], completions: list[list[str]], out_dir: Path | None) -> dict:
+    """One benchmark's metrics (floats, plus a status string where a number would be made up)."""
+    first = [c[0] for c in completions]
+    if name == "gsm8k":
+        result = gsm8k.gsm8k_accuracy(first, [it["reference"] for it in items])
+        return {"accuracy": result["accuracy"]}
+    if name == "humaneval":
+        problems = [it["problem"] for it in items]
+        samples = {p["task_id"]: c for p, c in zip(problems, completions)}
+        ks = [k for k in (1, 10, 100) if k <= cfg.generation.num_samples]
+        result = humaneval.score_samples(problems, samples, k=ks, timeout_s=cfg.sandbox_timeout_s)
+        return {f"pass@{k}": result[f"pass@{k}"] for k in ks}
+    if name == "mtbench":
+        questions = [it["question"] for it in items]
+        if out_dir is not None:  # the answers are the product: always kept, judged or not
+            lines = [json.dumps({"question_id": q["question_id"], "turns": [a]}) for q, a in zip(questions, first)]
+            (out_dir / "mtbench_answers.jsonl").write_text("\n".join(lines) + "\n")
+        j = cfg.judge
+        result = mtbench.judge_answers(questions, first, j.endpoint, j.model, j.api_key_env)
+        if out_dir is not None:
+            (out_dir / "mtbench_judge.json").write_text(json.dumps(result, indent=1))
+        metrics = {"status": result["status"], "n_answers": len(first)}
+        return metrics | ({"score": result["score"]} if result.get("score") is not None else {})
+    answers = [it["answer"] for it in items]
+    return {"accuracy": commonsense.commonsense_accuracy(name, [commonsense.response_text(c) for c in first], answers)}
+
+
+def by_set(items: Iterable[dict]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it["set"], []).append(i)
+    return groups
+
+
+def instruct_evaluator(cfg: TaskConfig, tokenizer, collate) -> Callable:
+    @torch.no_grad()
+    def evaluate(model, examples: list, ctx: EvalContext) -> dict:
+        if ctx.split == "val":  # held-out instruction data: mean response-token loss
+            return lm_loss(model, examples, collate, ctx)
+        if ctx.out_dir is not None and ctx.accelerator.is_main_process:
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        completions = generate(model, tokenizer, [it["prompt"] for it in examples], cfg.generation, ctx)
+        metrics, averaged = {}, []
+        out_dir = ctx.out_dir if ctx.accelerator.is_main_process else None
+        for name, idx in by_set(examples).items():
+            result = score(cfg, name, [examples[i] for i in idx], [completions[i] for i in idx], out_dir)
+            metrics |= {f"{name}_{k}": v for k, v in result.items()}
+            if name in commonsense.COMMONSENSE_TASKS:
+                averaged.append(result["accuracy"])
+            if out_dir is not None:
+                rows = [{"prompt": examples[i]["prompt"], "completions": completions[i]} for i in idx]
+                (out_dir / f"{name}_generations.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        if len(averaged) > 1:
+            metrics["commonsense_avg"] = float(np.mean(averaged))
+        return metrics
+
+    return evaluate
+
+
+def lm_loss(model, examples: list, collate, ctx: EvalContext) -> dict[str, float]:
+    acc = ctx.accelerator
+    loader = acc.prepare_data_loader(DataLoader(examples, batch_size=ctx.batch_size, collate_fn=collate))
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in loader:
+        logits = model(**batch).logits.float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        loss_sum, count = acc.reduce(-(logp * mask).sum()), acc.reduce(mask.sum())
+        total, tokens = total + float(loss_sum), tokens + int(count)
+    model.train()
+    mean = total / max(tokens, 1)
+    return {"loss": mean, "perplexity": float(np.exp(mean))}
+
+
+def load_instruct(cfg: TaskConfig, tokenizer) -> TaskData:
+    check_instruct(cfg)
+    train_pairs, val_pairs = sft_pairs(cfg, tokenizer)
+    items = benchmark_items(cfg)
+    encode = lambda pairs: [encode_pair(tokenizer, x, y, cfg.max_length) for x, y in pairs]
+    collate = pad_collate(tokenizer.pad_token_id)
+    plain = [{k: v for k, v in it.items() if k in ("set", "prompt")} for it in items]
+    return TaskData(
+        train=encode(train_pairs),
+        val=sorted(encode(val_pairs), key=lambda e: len(e["input_ids"])),
+        test=items,
+        collate=collate,
+        num_labels=1,
+        fingerprint=fingerprint(train_pairs, val_pairs, json.dumps(plain, sort_keys=True)),
+        evaluate=instruct_evaluator(cfg, tokenizer, collate),
+        metric="loss",
+    )
