@@ -188,7 +188,7 @@ def sequence_scores(model, batch: dict, words: list[list[int]]) -> torch.Tensor:
     """Sum of token log-probabilities of each label word's full sequence (teacher forcing), batch × labels."""
     scores = []
     for word in words:
-        target = torch.tensor(word, device=batch["input_ids"].device).expand(len(batch["input_ids"]), -1)
+        target = torch.tensor(word, device=batch["input_ids"].device).repeat(len(batch["input_ids"]), 1)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=target).logits
         logp = torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
         scores.append(logp.sum(-1))
