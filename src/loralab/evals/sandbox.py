@@ -48,15 +48,22 @@ _UNSHARE_NET_PID = (*_UNSHARE_NET, "--pid", "--fork", "--kill-child")
 _TAIL_BYTES = 8192
 _BOOT_NAME = "_sandbox_boot.py"
 _PROGRAM_NAME = "program.py"
-_DONE = b"done"  # written by the bootstrap only when the program ran to its end
+# written by the bootstrap to an inherited pipe only when the program ran to its end, so an early exit(0) is not a
+# pass (a program that sets out to could find the fd and forge it, like any in-process check)
+_DONE = b"done"
 
 
 @dataclass
 class SandboxResult:
-    """One execution. `status`: passed | failed | timeout | killed | error."""
+    """One execution. `status`: passed | failed | timeout | error.
+
+    failed: did not run to its end (an exception, an early exit, a CPU/memory/file limit, a signal); timeout: the
+    wall-clock limit; error: the sandbox could not start. `returncode` is the interpreter's, or `unshare`'s with a
+    pid namespace (which reports a child killed by a signal as 1).
+    """
 
     passed: bool
-    status: str  # failed: raised or exited before its end; killed: a signal (CPU/file limit, crash); error: no run
+    status: str
     returncode: int | None
     stdout: str  # last _TAIL_BYTES of each stream
     stderr: str
@@ -96,7 +103,7 @@ def run_program(
     `python`: interpreter (default: this one); as root, pick one `nobody` can execute to get the `uid` layer.
     """
     python = python or sys.executable
-    iso = isolation(python)
+    iso = _isolation(python)
     layers = (*iso.layers, "guard") if guard else iso.layers
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="loralab-sandbox-")
@@ -107,6 +114,8 @@ def run_program(
         with open(os.path.join(workdir, _PROGRAM_NAME), "w", encoding="utf-8") as f:
             f.write(code)
         shutil.copyfile(os.path.abspath(__file__), os.path.join(workdir, _BOOT_NAME))
+        for name in (_PROGRAM_NAME, _BOOT_NAME):  # readable by a dropped uid whatever our umask
+            os.chmod(os.path.join(workdir, name), 0o644)
         nproc_base = 2 if "pidns" in iso.layers else 1  # the interpreter (+ unshare inside the namespace)
         if "netns" not in iso.layers:  # no user namespace: RLIMIT_NPROC counts all processes of the uid
             nproc_base += _count_tasks(iso.uid if iso.uid is not None else os.geteuid())
@@ -159,18 +168,11 @@ def run_program(
             os.close(marker_w)
         _remove_tree(workdir)
     rc = proc.returncode
-    if timed_out or rc == -signal.SIGXCPU:
-        status = "timeout"
-    elif rc == 0 and finished:
-        status = "passed"
-    elif rc is not None and rc < 0:
-        status = "killed"
-    else:
-        status = "failed"
+    status = "timeout" if timed_out else "passed" if rc == 0 and finished else "failed"
     return SandboxResult(status == "passed", status, rc, stdout, stderr, time.monotonic() - start, layers)
 
 
-def isolation(python: str | None = None) -> _Isolation:
+def _isolation(python: str | None = None) -> _Isolation:
     """The OS layers available here for `python`, probed once per interpreter (a few short runs)."""
     python = python or sys.executable
     with _ISOLATION_LOCK:
@@ -181,7 +183,7 @@ def isolation(python: str | None = None) -> _Isolation:
 
 def sandbox_layers(python: str | None = None, guard: bool = True) -> tuple[str, ...]:
     """The layers `run_program` applies here (see the module docstring)."""
-    layers = isolation(python).layers
+    layers = _isolation(python).layers
     return (*layers, "guard") if guard else layers
 
 
@@ -265,9 +267,13 @@ def _wait_then_kill_group(proc: subprocess.Popen, timeout_s: float) -> bool:
             timed_out = True
         _killpg(proc.pid)
     else:
-        with os.fdopen(pidfd) as fd:
-            timed_out = not select.select([fd], [], [], timeout_s)[0]
+        try:
+            poller = select.poll()  # poll, not select: the fd number may exceed FD_SETSIZE in a busy process
+            poller.register(pidfd, select.POLLIN)
+            timed_out = not poller.poll(timeout_s * 1000)
             _killpg(proc.pid)
+        finally:
+            os.close(pidfd)
     proc.wait()
     return timed_out
 
@@ -281,6 +287,7 @@ def _killpg(pgid: int) -> None:
 
 def _kill_processes_in(workdir: str) -> None:
     """Without a pid namespace: SIGKILL any process still working in `workdir` (e.g. one that left the group)."""
+    workdir = os.path.realpath(workdir)  # /proc/<pid>/cwd is a resolved path
     killed = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
