@@ -24,6 +24,8 @@ EXPECTED_METRICS = {
     "liera_glue": ["test/pearson", "test/spearmanr"],
     "loraga_llama": ["test/gsm8k_accuracy", "test/humaneval_pass@1", "test/mtbench_status", "val/loss"],
     "liera_commonsense": ["test/commonsense_avg", "test/boolq_accuracy", "val/perplexity"],
+    "liera_vtab": ["test/accuracy"],
+    "liera_coco": [],  # its metric names are checked in test_vision_presets
 }
 
 

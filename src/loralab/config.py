@@ -38,7 +38,9 @@ class ModelConfig:
     #   digits_0to4 -> `arch` + `config`, pretrained here on sklearn digits 0-4 (cached), see loralab.digits
     source: str = MISSING
     path: str | None = None
-    arch: str | None = None  # transformers model_type for source=config/digits_0to4
+    # transformers model_type for source=config/digits_0to4; with source=hf/package: a new model of this type built
+    # around the pretrained backbone at `path` (a detector on an ImageNet backbone, see loralab.detection)
+    arch: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
     tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
     modality: str = "text"  # text | image
@@ -74,7 +76,7 @@ class JudgeConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    kind: str = MISSING  # text_classification | image_classification | text2text | causal_lm (see CHOICES)
+    kind: str = MISSING  # text_classification | image_classification | text2text | causal_lm | detection (CHOICES)
     loader: str | None = None  # which loader builds it (loralab.tasks.LOADERS); default: `name`
     data_path: str | None = None  # local file or "pkg://<package>/<file>"
     # Hub data (datasets.load_dataset(dataset, subset)); `data_dir` replaces the hub with a local copy: a
@@ -90,6 +92,8 @@ class TaskConfig:
     label_scoring: str = "first_token"  # text2text: first_token (the official LoRA-GA metric) | sequence
     prompt: str | None = None  # text2text / causal_lm: the input template (str.format over the example)
     max_length: int = 64  # tokens, text tasks
+    image_size: int = 224  # image tasks: side of the square input (VTAB), or the shorter side (COCO)
+    max_image_size: int = 1333  # detection: cap on the longer side (the (1333, 800) scale of Mask R-CNN)
     n_train: int | None = None  # cap on training examples (None: all that remain)
     n_val: int = 1000
     n_test: int = 2000
@@ -124,7 +128,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 50  # optimizer steps; 0 disables periodic validation
     log_every: int = 10
-    checkpoint_every: int = 0  # optimizer steps; 0 disables checkpoints
+    checkpoint_every: int = 0  # optimizer steps; 0 disables checkpoints (<run_dir>/checkpoints/step_N)
+    keep_checkpoints: int = 2  # the newest k checkpoints stay on disk; 0 keeps all
+    resume: bool = True  # a relaunched job continues from its newest checkpoint (overwrite=true starts afresh)
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF models): less memory, ~30% slower
     precision: str = "no"  # no | fp16 | bf16 (accelerate mixed precision)
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
@@ -170,6 +177,7 @@ TASK_KINDS = {
     "image_classification": ("image", True),
     "text2text": ("text", False),  # encoder-decoder LM, labels as target words (T5)
     "causal_lm": ("text", False),  # instruction tuning + generation-based evaluation
+    "detection": ("image", True),  # instance detection + segmentation (COCO), a new detector head
 }
 CHOICES = {
     "task.kind": tuple(TASK_KINDS),

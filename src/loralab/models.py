@@ -14,11 +14,12 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForUniversalSegmentation,
     AutoTokenizer,
     PretrainedConfig,
 )
 
-from loralab.config import ConfigError, ModelConfig, TaskConfig
+from loralab.config import TASK_KINDS, ConfigError, ModelConfig, TaskConfig
 
 # task kind -> the transformers auto class with that task's head
 AUTO_CLASSES = {
@@ -26,6 +27,7 @@ AUTO_CLASSES = {
     "image_classification": AutoModelForImageClassification,
     "text2text": AutoModelForSeq2SeqLM,
     "causal_lm": AutoModelForCausalLM,
+    "detection": AutoModelForUniversalSegmentation,  # Mask2Former: instance masks (+ their boxes)
 }
 
 
@@ -51,6 +53,10 @@ def model_config(cfg: ModelConfig, num_labels: int) -> PretrainedConfig:
         path = resolve_path(cfg.path)
         if cfg.source == "package" and not Path(path).is_dir():
             raise ConfigError(f"model {cfg.name!r}: model directory {path} does not exist")
+        if cfg.arch:  # a new model around the pretrained backbone at `path`
+            from loralab.detection import detector_config  # noqa: PLC0415
+
+            return detector_config(cfg.arch, path, num_labels, kwargs)
         return AutoConfig.from_pretrained(path, num_labels=num_labels, **kwargs)
     if not cfg.arch:
         raise ConfigError(f"model {cfg.name!r}: source={cfg.source} needs model.arch (a transformers model_type)")
@@ -73,9 +79,17 @@ def build_model(cfg: ModelConfig, task: TaskConfig, cache_dir: str) -> nn.Module
     config = model_config(cfg, num_labels(task))
     auto = AUTO_CLASSES[task.kind]
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
+    if cfg.source in ("hf", "package") and cfg.arch:
+        from loralab.detection import load_backbone_weights  # noqa: PLC0415
+
+        model = auto.from_config(config).to(dtype)  # the detector is new; only its backbone is pretrained
+        load_backbone_weights(model, resolve_path(cfg.path), dtype)
+        return model
     if cfg.source in ("hf", "package"):
-        # a classification head is new (num_labels differs from any pretraining head): initialised from the run seed
-        return auto.from_pretrained(resolve_path(cfg.path), config=config, dtype=dtype)
+        # a task head is new (initialised from the run seed): a pretraining head of another size is dropped
+        new_head = TASK_KINDS[task.kind][1]
+        path = resolve_path(cfg.path)
+        return auto.from_pretrained(path, config=config, dtype=dtype, ignore_mismatched_sizes=new_head)
     model = auto.from_config(config).to(dtype)
     if cfg.source == "digits_0to4":
         from loralab.digits import load_pretrained_backbone  # noqa: PLC0415

@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from loralab import fixtures
 from loralab.config import register_configs
 from loralab.runner import run_job
+from loralab.tasks import smoke_data
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -82,6 +83,26 @@ def _commonsense(root: Path) -> list[list[str]]:
     ]
 
 
+def _vtab(root: Path) -> list[list[str]]:
+    data = smoke_data.write_vtab(root / "vtab").parent
+    return [["model=tiny_convnextv2", "task=vtab_svhn", f"task.data_dir={data}", "task.image_size=32"]]
+
+
+def _coco(root: Path) -> list[list[str]]:
+    data = smoke_data.write_coco(root / "coco")
+    return [
+        [
+            "model=tiny_detector",
+            f"task.data_dir={data}",
+            "task.labels=[square,triangle,bar]",
+            "task.image_size=64",
+            "task.max_image_size=96",
+            "train.max_grad_norm=1.0",
+            "rank=8",
+        ]
+    ]
+
+
 # preset -> fixture writer returning the jobs (override lists) to run on top of `experiment=<preset>`
 SMOKE: dict[str, Callable[[Path], list[list[str]]]] = {
     "lora_rank": _glue("tiny_roberta"),
@@ -91,6 +112,8 @@ SMOKE: dict[str, Callable[[Path], list[list[str]]]] = {
     "liera_glue": _glue("tiny_deberta", "stsb"),
     "loraga_llama": _llama,
     "liera_commonsense": _commonsense,
+    "liera_vtab": _vtab,
+    "liera_coco": _coco,
 }
 
 

@@ -17,6 +17,8 @@ LOADERS = {
     "digits_transfer": "loralab.tasks.offline:load_digits_transfer",
     "glue": "loralab.tasks.glue:load_glue",
     "instruct": "loralab.tasks.instruct:load_instruct",
+    "vtab": "loralab.tasks.vtab:load_vtab",
+    "coco": "loralab.tasks.coco:load_coco",
 }
 
 
