@@ -1,5 +1,9 @@
-"""Hydra entry point: `python run.py [overrides]`, `python run.py -m variant=lora,full rank=1,4,8,64`."""
+"""Hydra entry point: `python run.py [overrides]`, `python run.py -m variant=lora,full rank=1,4,8,64`.
 
+Multi-GPU: `accelerate launch --config_file conf/accelerate/ddp.yaml run.py ...` (or torchrun); on SLURM a sweep's
+job may span several tasks (`hydra/launcher=slurm hydra.launcher.tasks_per_node=4`), one process per GPU."""
+
+import os
 from pathlib import Path
 
 import hydra
@@ -12,17 +16,32 @@ from loralab.config import register_configs
 register_configs()
 
 
+def export_submitit_ranks() -> None:
+    """A job that submitit runs as several tasks is one torch.distributed job: give each task the variables torchrun
+    would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); accelerate then picks its device from LOCAL_RANK."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local"):
+        return
+    import submitit  # noqa: PLC0415  (only under the submitit launchers)
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from loralab.runner import run_job  # noqa: PLC0415  (after Hydra has parsed the command line: --help stays fast)
+    from loralab.runner import is_main_process, run_job  # noqa: PLC0415  (after Hydra has parsed the command line)
 
+    export_submitit_ranks()
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    # one W&B group per sweep; the sweep dir is resolved once by the launching process, so every job (in this
+    # process, a joblib worker or a SLURM task) names the same group
     group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}" if multirun else cfg.experiment_name
     # in a sweep a failed job is recorded (result JSON, W&B run marked failed) and the next job runs
     record = run_job(cfg, overrides=list(hydra_cfg.overrides.task), group=group, raise_errors=not multirun)
     # where this job's result lives, for the end-of-sweep summary (a file: works with every Hydra launcher)
-    Path(hydra_cfg.runtime.output_dir, "result_path.txt").write_text(str(Path(record["run_dir"]) / "result.json"))
+    if is_main_process():
+        Path(hydra_cfg.runtime.output_dir, "result_path.txt").write_text(str(Path(record["run_dir"]) / "result.json"))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ class SweepSummary(Callback):
         self.seed_pair_rank = seed_pair_rank
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from loralab.runner import is_main_process  # noqa: PLC0415  (heavy; only when a sweep ends)
+
+        if not is_main_process():  # a sweep run under torchrun / accelerate launch: rank 0 reports
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         table = sweep_table(sweep_dir)
         if table.empty:

@@ -131,7 +131,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps; 0 disables checkpoints (<run_dir>/checkpoints/step_N)
     keep_checkpoints: int = 2  # the newest k checkpoints stay on disk; 0 keeps all
     resume: bool = True  # a relaunched job continues from its newest checkpoint (overwrite=true starts afresh)
-    gradient_checkpointing: bool = False  # recompute activations in backward (HF models): less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF models): less memory, one more forward
     precision: str = "no"  # no | fp16 | bf16 (accelerate mixed precision)
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0

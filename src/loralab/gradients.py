@@ -3,6 +3,9 @@
 Streaming, as the official LoRA-GA code does: only target weights require grad, and each weight's gradient is
 moved off the accelerator and added into an fp32 buffer the moment autograd has accumulated it (a
 post-accumulate-grad hook), then freed. Peak extra accelerator memory is one layer's gradient, not all of them.
+
+Data parallel, as the official code (a prepared, sharded loader, then an all-reduce): the N micro-batches are split
+over the processes, each sums its share, and the all-reduced sum / N is the same mean one process would compute.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ def estimate_gradients(
 ) -> dict[str, torch.Tensor]:
     """Mean over `n_batches` of ∂L/∂W for each target layer's weight (fp32, on `offload_device`).
 
-    Runs in train mode (dropout on, as the official code). With several processes (torch.distributed initialised),
-    the per-process means are all-reduced into the global mean."""
+    Runs in train mode (dropout on, as the official code). With several processes (torch.distributed initialised)
+    `batches` must be the same seeded sequence on every process: process k takes batches k, k + world, ... and the
+    sums are all-reduced, so the estimate is the single-process one over the same N batches."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     modules = dict(model.named_modules())
     was_training, requires = model.training, {p: p.requires_grad for p in model.parameters()}
     sums: dict[str, torch.Tensor] = {}
@@ -47,9 +53,9 @@ def estimate_gradients(
         weight = modules[name].weight
         weight.requires_grad_(True)
         hooks.append(weight.register_post_accumulate_grad_hook(offload(name)))
-    count = 0
+    count, share = 0, len(range(rank, n_batches, world))
     try:
-        for batch in islice(batches, n_batches):
+        for batch in islice(batches, rank, n_batches, world):
             model(**batch).loss.backward()
             count += 1
     finally:
@@ -58,14 +64,18 @@ def estimate_gradients(
         for param, flag in requires.items():
             param.requires_grad_(flag)
         model.train(was_training)
-    if count < n_batches:
-        raise ValueError(f"gradient estimation needs {n_batches} batches but the training data gave only {count}")
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    for name, total in sums.items():
-        if world > 1:
-            device = modules[name].weight.device
-            buffer = total.to(device)
+    if count < share:
+        raise ValueError(
+            f"gradient estimation needs {n_batches} batches but the training data gave only {count} of this "
+            f"process's {share}"
+        )
+    if world > 1:
+        for name in targets:  # in the same order on every process; a process with no batch (N < world) adds zeros
+            weight = modules[name].weight
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            buffer = sums[name].to(weight.device) if name in sums else torch.zeros_like(weight, dtype=dtype)
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            total = buffer.to(offload_device)
-        sums[name] = total / (count * world)
+            sums[name] = buffer.to(offload_device)
+    for total in sums.values():
+        total.div_(n_batches)  # in place: a divided copy of every gradient would double the peak
     return sums

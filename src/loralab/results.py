@@ -41,6 +41,10 @@ NON_SEMANTIC = (
     "task.data_dir",  # where a copy of the data lives, not which data: the result records its fingerprint
     "task.eval_data",
     "train.progress",
+    "train.checkpoint_every",  # checkpointing and resuming do not change the run's result (tested)
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.gradient_checkpointing",
     "train.device",
     "train.num_workers",
     "hydra",

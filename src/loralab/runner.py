@@ -8,7 +8,7 @@ import traceback
 from datetime import datetime, timezone
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import get_int_from_env, set_seed
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -22,7 +22,14 @@ from loralab.results import BASES_FILE, RESULT_FILE, PeakMemory, override_tag, p
 from loralab.targets import check_rank, find_targets, matches
 from loralab.tasks import check_data_path, load_task
 from loralab.trackers import make_tracker
-from loralab.train import NonFiniteLossError, device_batches, make_accelerator, total_steps, train
+from loralab.train import (
+    NonFiniteLossError,
+    device_batches,
+    gathered_parameters,
+    make_accelerator,
+    total_steps,
+    train,
+)
 from loralab.variants import PrepareContext, get_variant
 from loralab.variants.base import cpu_copy
 
@@ -58,13 +65,23 @@ def check_inputs(cfg):
     return variant, targets
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process job (torchrun, `accelerate launch`, mpirun, SLURM tasks), read from the launcher's
+    variables so that it is known before accelerate starts and also when a job fails before it does."""
+    return get_int_from_env(["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+
+
 def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_errors: bool = True) -> dict:
-    """Run one configured job and write its result JSON (also when it fails). Returns the record."""
+    """Run one configured job and write its result JSON (also when it fails). Returns the record.
+
+    In a multi-process job every process trains; only the main process writes (result, bases, weights, W&B)."""
     out = run_dir(cfg, overrides)
+    main = is_main_process()
     existing = read_result(out / RESULT_FILE)
     if existing and existing.get("status") == "completed" and not cfg.overwrite:
         log.info("skipping %s: completed result exists (overwrite=true to re-run)", out)
-        print(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
+        if main:
+            print(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
         return existing | {"skipped": True}
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -87,6 +104,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
         with memory:
             variant, targets = check_inputs(cfg)
             accelerator = make_accelerator(cfg.train)
+            record["processes"] = accelerator.num_processes  # data-parallel processes that trained this run
             tracker = make_tracker(
                 cfg.logger,
                 group=group or cfg.experiment_name,
@@ -99,7 +117,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                     f"seed:{cfg.seed}",
                 ],
                 config=resolved,
-                main_process=accelerator.is_main_process,
+                main_process=main,
             )
             record["wandb_dir"] = tracker.location
             set_seed(cfg.seed)
@@ -132,30 +150,34 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                 accelerator,
                 checkpoint_dir=out / "checkpoints",
                 eval_dir=out / "eval",
+                resume=cfg.train.resume and not cfg.overwrite,  # overwrite=true: from scratch
+                checkpoint_layers=targets,
             )
             record.update(
                 metrics=result.metrics,
                 curves=result.curves,
                 steps=result.steps,
                 train_time_s=round(result.train_time_s, 2),
+                resumed_from_step=result.resumed_from,
             )
-            deltas = variant.delta_weights(model)
-            record["delta_fro_norms"] = {n: float(d.norm()) for n, d in deltas.items()}
-            if cfg.analyze and accelerator.is_main_process:
-                tables, bases = per_run_analysis(initial, deltas, variant.factors(model), cfg.rank)
-                tables["first_step"] = first_step
-                record["analysis"] = tables
-                with atomic_path(out / BASES_FILE, suffix=".safetensors") as tmp:
-                    save_file(bases, str(tmp))
-                for name, rows in tables.items():
-                    tracker.log_table(f"analysis/{name}", rows)
-                if tracker.location:  # a real W&B run: the ΔW spectrum heatmap as an image
-                    image = spectrum_heatmap(tables["spectrum"], out / "spectrum_heatmap.png", f"ΔW spectra, {out}")
-                    tracker.log_image("analysis/spectrum_heatmap", str(image))
-            if cfg.save_weights and accelerator.is_main_process:
-                with atomic_dir(out / "weights") as tmp:
-                    variant.save(accelerator.unwrap_model(model), tmp)
-                record["weights_dir"] = str(out / "weights")
+            with gathered_parameters(model):  # FSDP: whole matrices for the analyses and the saved weights
+                deltas = variant.delta_weights(model)
+                record["delta_fro_norms"] = {n: float(d.norm()) for n, d in deltas.items()}
+                if cfg.analyze and main:
+                    tables, bases = per_run_analysis(initial, deltas, variant.factors(model), cfg.rank)
+                    tables["first_step"] = first_step
+                    record["analysis"] = tables
+                    with atomic_path(out / BASES_FILE, suffix=".safetensors") as tmp:
+                        save_file(bases, str(tmp))
+                    for name, rows in tables.items():
+                        tracker.log_table(f"analysis/{name}", rows)
+                    if tracker.location:  # a real W&B run: the ΔW spectrum heatmap as an image
+                        image = spectrum_heatmap(tables["spectrum"], out / "spectrum_heatmap.png", f"ΔW spectra, {out}")
+                        tracker.log_image("analysis/spectrum_heatmap", str(image))
+                if cfg.save_weights and main:
+                    with atomic_dir(out / "weights") as tmp:
+                        variant.save(accelerator.unwrap_model(model), tmp)
+                    record["weights_dir"] = str(out / "weights")
         record["status"] = "completed"
     except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job
         failure = exc
@@ -168,13 +190,15 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
         }
     record["wall_time_s"] = round(time.perf_counter() - start, 2)
     record["memory"] = memory.report()
-    write_json_atomic(out / RESULT_FILE, record)
+    if main:
+        write_json_atomic(out / RESULT_FILE, record)
     if tracker is not None:
         tracker.summary(
             {k: v for k, v in record.items() if k in ("metrics", "params", "wall_time_s", "memory", "status")}
         )
         tracker.finish(failed=failure is not None)
-    print(format_summary(record, out / RESULT_FILE))
+    if main:
+        print(format_summary(record, out / RESULT_FILE))
     if failure is not None and raise_errors:
         raise failure
     return record
