@@ -236,7 +236,7 @@ def train(
     loop = LoopState(curves={"train/loss": [], "train/lr": [], metric: [], "val/loss": []})
     result = TrainResult(metrics={}, curves=loop.curves)
     if checkpoint_dir is not None:
-        accelerator.register_for_checkpointing(scheduler, loop)
+        accelerator.register_for_checkpointing(scheduler, loop, variant)
         slim = checkpoint_filter(accelerator.unwrap_model(model), checkpoint_layers)
         # accelerate's pre-save hook edits the model state dicts in place (FSDP saves its shards itself: none here)
         accelerator.register_save_state_pre_hook(

@@ -62,6 +62,17 @@ class Variant:
         right and B's left singular vectors between runs); empty for full fine-tuning."""
         return {}
 
+    # what prepare() records to report ΔW = W_final − W0 (W0 itself, PiSSA's s·B0·A0, LoRA-GA's A0/B0): part of a
+    # checkpoint, so a resumed run measures ΔW against the same start even when its init is not bit-reproducible
+    INIT_STATE: ClassVar[tuple[str, ...]] = ("initial", "initial_delta", "factors_init")
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.INIT_STATE if hasattr(self, k)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Write the trained weights (safetensors) into the fresh directory `out_dir`."""
         raise NotImplementedError
