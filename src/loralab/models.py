@@ -105,6 +105,8 @@ def build_tokenizer(cfg: ModelConfig):
     if not path:
         raise ConfigError(f"model {cfg.name!r}: a text model needs model.tokenizer or model.path")
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(path))
+    if tokenizer.eos_token is None:  # WordPiece (the tiny test models share MiniLM's): [SEP] ends a sequence
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None:  # Llama ships none; batching needs one (the official LoRA-GA code does the same)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

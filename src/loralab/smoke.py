@@ -83,24 +83,16 @@ def _commonsense(root: Path) -> list[list[str]]:
     ]
 
 
+# the vision presets keep their tiny model and image sizes in conf/experiment/<preset>_smoke.yaml (runnable alone)
+SMOKE_EXPERIMENT = {"liera_vtab": "liera_vtab_smoke", "liera_coco": "liera_coco_smoke"}
+
+
 def _vtab(root: Path) -> list[list[str]]:
-    data = smoke_data.write_vtab(root / "vtab").parent
-    return [["model=tiny_convnextv2", "task=vtab_svhn", f"task.data_dir={data}", "task.image_size=32"]]
+    return [[f"task.data_dir={smoke_data.write_vtab(root / 'vtab').parent}"]]
 
 
 def _coco(root: Path) -> list[list[str]]:
-    data = smoke_data.write_coco(root / "coco")
-    return [
-        [
-            "model=tiny_detector",
-            f"task.data_dir={data}",
-            "task.labels=[square,triangle,bar]",
-            "task.image_size=64",
-            "task.max_image_size=96",
-            "train.max_grad_norm=1.0",
-            "rank=8",
-        ]
-    ]
+    return [[f"task.data_dir={smoke_data.write_coco(root / 'coco')}"]]
 
 
 # preset -> fixture writer returning the jobs (override lists) to run on top of `experiment=<preset>`
@@ -121,7 +113,8 @@ def compose_job(preset: str, overrides: list[str]):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"experiment={preset}", *QUICK, *overrides])
+        experiment = SMOKE_EXPERIMENT.get(preset, preset)
+        return compose(config_name="config", overrides=[f"experiment={experiment}", *QUICK, *overrides])
 
 
 def smoke_jobs(preset: str, root: Path, extra: list[str] = ()) -> list[list[str]]:

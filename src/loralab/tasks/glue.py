@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from loralab.config import ConfigError, TaskConfig
 from loralab.evals.metrics import classification_metrics, glue_metrics, primary_metric
-from loralab.tasks.base import EvalContext, TaskData, classification_evaluator, fingerprint, holdout_indices
+from loralab.tasks.base import EvalContext, TaskData, by_length, classification_evaluator, fingerprint, holdout_indices
 from loralab.tasks.hub import load_split, require_columns
 
 
@@ -79,13 +79,12 @@ def load_glue(cfg: TaskConfig, tokenizer) -> TaskData:
             for ids, mask, r in zip(enc["input_ids"], enc["attention_mask"], split_rows)
         ]
 
-    by_length = lambda split: sorted(encode(split), key=lambda e: len(e["input_ids"]))  # less padding
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     train, val, test = rows
     return TaskData(
         train=encode(train),
-        val=by_length(val) if val else [],
-        test=by_length(test),
+        val=by_length(encode(val)) if val else [],
+        test=by_length(encode(test)),
         collate=collate,
         num_labels=len(cfg.labels),
         fingerprint=digest,
@@ -105,8 +104,9 @@ def t5_input(cfg: TaskConfig, row: dict) -> str:
 def label_word_ids(cfg: TaskConfig, tokenizer) -> list[list[int]]:
     # the word's tokens + the end-of-sequence token, as T5's tokenizer encodes a target (tiny test models share a
     # WordPiece tokenizer whose special tokens would otherwise put [CLS] first in every word)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    ids = [tokenizer(word, add_special_tokens=False)["input_ids"] + [eos] for word in cfg.label_words]
+    ids = [
+        tokenizer(word, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for word in cfg.label_words
+    ]
     if cfg.label_scoring == "first_token":
         firsts = [seq[0] for seq in ids]
         if len(set(firsts)) < len(firsts):
@@ -130,11 +130,10 @@ def text2text_task(cfg: TaskConfig, tokenizer, rows, digest: str) -> TaskData:
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
     train_collate = lambda batch: collate([{k: v for k, v in e.items() if k != "class_id"} for e in batch])
     train, val, test = rows
-    by_length = lambda split: sorted(encode(split), key=lambda e: len(e["input_ids"]))
     return TaskData(
         train=encode(train),
-        val=by_length(val) if val else [],
-        test=by_length(test),
+        val=by_length(encode(val)) if val else [],
+        test=by_length(encode(test)),
         collate=train_collate,
         num_labels=len(cfg.labels),
         fingerprint=digest,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from loralab.config import ConfigError, GenerationConfig, TaskConfig
 from loralab.evals import commonsense, gsm8k, humaneval, mtbench
 from loralab.models import resolve_path
-from loralab.tasks.base import EvalContext, TaskData, fingerprint
+from loralab.tasks.base import EvalContext, TaskData, by_length, fingerprint
 from loralab.tasks.hub import load_split, require_columns
 
 # Alpaca's no-input template, as LoRA-GA uses it for Code-Feedback and WizardLM
@@ -106,12 +106,8 @@ def sft_pairs(cfg: TaskConfig, tokenizer) -> tuple[list[tuple[str, str]], list[t
     return pairs[:n_train], pairs[n_train : n_train + cfg.n_val]
 
 
-def eos_token(tokenizer) -> str:
-    return tokenizer.eos_token or tokenizer.sep_token  # tiny test models share a WordPiece tokenizer ([SEP])
-
-
 def encode_pair(tokenizer, x: str, y: str, max_length: int) -> dict:
-    ids = tokenizer(f"{x} {y}{eos_token(tokenizer)}", truncation=True, max_length=max_length)["input_ids"]
+    ids = tokenizer(f"{x} {y}{tokenizer.eos_token}", truncation=True, max_length=max_length)["input_ids"]
     n_prompt = len(tokenizer(x)["input_ids"])
     return {"input_ids": ids, "labels": [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]}
 
@@ -205,7 +201,7 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, ctx: E
                     num_return_sequences=gen.num_samples,
                     use_cache=True,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.convert_tokens_to_ids(eos_token(tokenizer)),
+                    eos_token_id=tokenizer.eos_token_id,
                     **({"do_sample": False} | sampling),
                 )
             texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -303,7 +299,7 @@ def load_instruct(cfg: TaskConfig, tokenizer) -> TaskData:
     plain = [{k: v for k, v in it.items() if k in ("set", "prompt")} for it in items]
     return TaskData(
         train=encode(train_pairs),
-        val=sorted(encode(val_pairs), key=lambda e: len(e["input_ids"])),
+        val=by_length(encode(val_pairs)),
         test=items,
         collate=collate,
         num_labels=1,
