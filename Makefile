@@ -36,8 +36,13 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/variants.py
 
+# `make figures`: every experiment under $(RESULTS); EXPERIMENT=<name> narrows it, OUT=<dir> redirects it.
+RESULTS ?= results
+OUT     ?= figures
+EXPERIMENT ?=
+
 analyze: $(STAMP)
-	$(BIN)/python -m loralab.analyze --experiment cpu_repro
+	$(BIN)/python -m loralab.analyze --results $(RESULTS) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 figures: $(STAMP)
-	$(BIN)/python -m loralab.figures --results results --experiment cpu_repro --out figures
+	$(BIN)/python -m loralab.figures --results $(RESULTS) --out $(OUT) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))

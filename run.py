@@ -29,7 +29,9 @@ def export_submitit_ranks() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from loralab.runner import is_main_process, run_job  # noqa: PLC0415  (after Hydra has parsed the command line)
+    from loralab.config import ConfigError  # noqa: PLC0415  (after Hydra has parsed the command line)
+    from loralab.record import RESULT_FILE  # noqa: PLC0415
+    from loralab.runner import is_main_process, run_job  # noqa: PLC0415
 
     export_submitit_ranks()
     hydra_cfg = HydraConfig.get()
@@ -38,10 +40,18 @@ def main(cfg: DictConfig) -> None:
     # process, a joblib worker or a SLURM task) names the same group
     group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}" if multirun else cfg.experiment_name
     # in a sweep a failed job is recorded (result JSON, W&B run marked failed) and the next job runs
-    record = run_job(cfg, overrides=list(hydra_cfg.overrides.task), group=group, raise_errors=not multirun)
+    try:
+        record = run_job(cfg, overrides=list(hydra_cfg.overrides.task), group=group, raise_errors=not multirun)
+    except ConfigError as exc:  # bad input: nothing was loaded or written; a sweep lists it and goes on
+        if not multirun:
+            raise
+        print(f"[loralab] job {hydra_cfg.job.num} not run: ConfigError: {exc}")
+        Path(hydra_cfg.runtime.output_dir, "config_error.txt").write_text(str(exc))
+        return
     # where this job's result lives, for the end-of-sweep summary (a file: works with every Hydra launcher)
     if is_main_process():
-        Path(hydra_cfg.runtime.output_dir, "result_path.txt").write_text(str(Path(record["run_dir"]) / "result.json"))
+        result = Path(cfg.paths.results_dir, record.run_dir, RESULT_FILE)
+        Path(hydra_cfg.runtime.output_dir, "result_path.txt").write_text(str(result.resolve()))
 
 
 if __name__ == "__main__":

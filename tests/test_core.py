@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import TINY_TEXT
 from loralab.io import atomic_dir, write_json_atomic
 from loralab.models import build_model, build_tokenizer
-from loralab.results import load_runs, override_tag
+from loralab.record import RESULT_FILE, RunRecord, Status, identity_of
+from loralab.results import load_runs
 from loralab.runner import check_inputs, run_job
 from loralab.trackers import Tracker
 from loralab.train import make_accelerator, train
@@ -115,31 +117,31 @@ def test_epochs_set_the_number_of_steps(compose_cfg, tmp_path):
 def test_checkpoints_are_written(compose_cfg):
     cfg = compose_cfg(*TINY_TEXT, "logger=none", "train.checkpoint_every=2")
     record = run_job(cfg)
-    ckpts = sorted(p.name for p in Path(record["run_dir"]).glob("checkpoints/*"))
+    ckpts = sorted(p.name for p in (Path(cfg.paths.results_dir) / record.run_dir).glob("checkpoints/*"))
     assert ckpts == ["step_2", "step_4"]
 
 
-def test_override_tag_keeps_only_what_changes_the_computation():
-    tag = override_tag(["variant=lora", "rank=8", "logger=none", "train.lr=1e-3", "paths.results_dir=/x", "seed=1"])
-    assert tag == "train.lr=1e-3"
-    assert override_tag(["rank=8", "train.lr=1e-3"], keep_path_keys=True) == "rank=8,train.lr=1e-3"
-    assert override_tag(["analyze=false", "save_weights=false", "overwrite=true"]) == ""
-    # sub-keys of path groups change the computation: they stay
-    assert override_tag(["task=tweet_sentiment", "task.n_train=64", "model.target_modules=[q]"]) == (
-        "model.target_modules=[q],task.n_train=64"
-    )
-
-
-def test_load_runs_filters(tmp_path):
+def test_load_runs_filters(compose_cfg, tmp_path):
+    root = tmp_path / "results"
     for variant, rank, status in [("lora", 8, "completed"), ("lora", 64, "completed"), ("full", 8, "failed")]:
-        write_json_atomic(
-            tmp_path / variant / str(rank) / "result.json",
-            {"variant": variant, "rank": rank, "status": status, "metrics": {"test/accuracy": rank / 100}},
+        cfg = compose_cfg("model=tiny_bert", f"variant={variant}", f"rank={rank}")
+        identity = identity_of(cfg)
+        record = RunRecord(
+            identity=identity,
+            run_dir=identity.relative_dir().as_posix(),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            status=Status(status),
+            metrics={"test/accuracy": rank / 100},
         )
-    frame = load_runs(tmp_path)
-    assert len(frame) == 3 and set(frame.columns) >= {"variant", "rank", "status", "test/accuracy", "record"}
-    assert list(load_runs(tmp_path, variant="lora", rank=[64])["test/accuracy"]) == [0.64]
-    assert list(load_runs(tmp_path, status="failed").variant) == ["full"]
+        write_json_atomic(root / record.run_dir / RESULT_FILE, record.to_dict())
+    frame = load_runs(root)
+    assert len(frame) == 3 and set(frame.columns) >= {"variant", "rank", "key", "status", "test/accuracy", "record"}
+    assert list(load_runs(root, variant="lora", rank=[64])["test/accuracy"]) == [0.64]
+    assert list(load_runs(root, status="failed").variant) == ["full"]
+    assert list(load_runs(root, status=Status.FAILED).variant) == ["full"]
+    assert load_runs(root, **{"train.lr": 5e-5}).variant.tolist() == ["full"]  # full's own default lr: a column
+    assert load_runs(root, nonexistent_column=1).empty
+    assert all(isinstance(r, RunRecord) for r in frame.record)
     assert load_runs(tmp_path / "nothing").empty
 
 

@@ -6,8 +6,10 @@
 Pairs are formed among runs that differ only in rank (same seed: Fig. 3, r=8 vs r=64) or only in seed (same rank:
 Fig. 4, two seeds at r=64). For each pair and matrix, φ grids on the A factors' right singular vectors (the paper),
 the B factors' left singular vectors (its footnote 7) and ΔW's right singular vectors (fair to LoRA-GA and LieRA),
-next to two random Gaussian matrices of the same shapes. One JSON per pair under
-`<results>/<experiment>/analysis/`; it is what `make figures` draws. Also run by the Hydra callback after a sweep.
+next to two random Gaussian matrices of the same shapes. Runs are paired by their identity (loralab.record): same
+experiment, model, task, variant, target set and hyperparameters. One JSON per pair under
+`<results>/<experiment>/analysis/`, holding both runs' identities; `make figures` draws them. Also run by the
+Hydra callback after a sweep.
 """
 
 from __future__ import annotations
@@ -22,29 +24,33 @@ from safetensors.torch import load_file
 
 from loralab.analysis.subspace import phi_grid, random_phi_grid
 from loralab.io import write_json_atomic
-from loralab.results import BASES_FILE, load_runs, run_tag
+from loralab.results import load_runs
 
 BASES = ("A_right", "B_left", "dW_right")
-KEY = ["experiment", "model", "task", "variant", "tag"]
+# runs of one group share everything but rank and seed: the same setup, hyperparameters and target set
+GROUP = ["experiment", "model", "task", "variant", "targets", "key"]
 
 
 def _pairs(frame: pd.DataFrame, rank_pairs, seed_pairs, seed_pair_rank):
-    frame = frame.assign(tag=[run_tag(r["run_dir"]) for r in frame.record])
-    for key, group in frame.groupby(KEY, dropna=False):
-        runs = {(int(r["rank"]), int(r["seed"])): r for r in group.record}
+    for _, group in frame.groupby(GROUP, dropna=False):
+        runs = {(int(r.identity.rank), int(r.identity.seed)): r for r in group.record}
         for r1, r2 in rank_pairs:
             for seed in sorted({s for _, s in runs}):
                 if (r1, seed) in runs and (r2, seed) in runs:
-                    yield "rank", key, runs[(r1, seed)], runs[(r2, seed)]
+                    yield "rank", runs[(r1, seed)], runs[(r2, seed)]
         for s1, s2 in seed_pairs:
             if (seed_pair_rank, s1) in runs and (seed_pair_rank, s2) in runs:
-                yield "seed", key, runs[(seed_pair_rank, s1)], runs[(seed_pair_rank, s2)]
+                yield "seed", runs[(seed_pair_rank, s1)], runs[(seed_pair_rank, s2)]
 
 
-def compare(run_a: dict, run_b: dict, seed: int = 0) -> dict:
+def _bases_path(root: Path, record) -> Path | None:
+    relative = record.artifacts.get("bases")
+    return root / relative if relative and (root / relative).exists() else None
+
+
+def compare(bases_file_a: Path, bases_file_b: Path, seed: int = 0) -> dict:
     """φ grids between the saved bases of two runs, per matrix and basis kind, plus the random baseline."""
-    bases_a = load_file(str(Path(run_a["run_dir"]) / BASES_FILE))
-    bases_b = load_file(str(Path(run_b["run_dir"]) / BASES_FILE))
+    bases_a, bases_b = load_file(str(bases_file_a)), load_file(str(bases_file_b))
     gen = torch.Generator().manual_seed(seed)
     layers, random = {}, {}
     for key in sorted(set(bases_a) & set(bases_b)):
@@ -79,32 +85,29 @@ def summary(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def analyze_runs(frame: pd.DataFrame, rank_pairs=((8, 64),), seed_pairs=((1, 2),), seed_pair_rank=64) -> list[Path]:
-    written = []
-    for kind, key, a, b in _pairs(frame, rank_pairs, seed_pairs, seed_pair_rank):
-        if not all((Path(r["run_dir"]) / BASES_FILE).exists() for r in (a, b)):
-            print(
-                f"[loralab.analyze] skip {kind} pair {a['run_dir']} / {b['run_dir']}: no saved bases (analyze=false?)"
-            )
+def _side(record) -> dict:
+    return {**record.identity.columns(), "run_dir": record.run_dir}
+
+
+def analyze_runs(
+    root: str | Path, frame: pd.DataFrame, rank_pairs=((8, 64),), seed_pairs=((1, 2),), seed_pair_rank=64
+) -> list[Path]:
+    """φ results for every rank / seed pair among the runs of `frame` (rows of `load_runs(root)`), one JSON per pair
+    in `<root>/<experiment>/analysis/`, named after the pair's identities."""
+    root, written = Path(root), []
+    for kind, a, b in _pairs(frame, rank_pairs, seed_pairs, seed_pair_rank):
+        files = [_bases_path(root, r) for r in (a, b)]
+        if None in files:
+            print(f"[loralab.analyze] skip {kind} pair {a.run_dir} / {b.run_dir}: no saved bases (analyses=[]?)")
             continue
-        experiment, model, task, variant, tag = key
-        result = compare(a, b)
-        result.update(
-            kind=kind,
-            experiment=experiment,
-            model=model,
-            task=task,
-            variant=variant,
-            tag=tag,
-            a={"run_dir": a["run_dir"], "rank": a["rank"], "seed": a["seed"]},
-            b={"run_dir": b["run_dir"], "rank": b["rank"], "seed": b["seed"]},
-        )
+        ia = a.identity
+        result = compare(*files)
+        result.update(kind=kind, **{k: getattr(ia, k) for k in GROUP}, a=_side(a), b=_side(b))
         table = summary(result)
         result["summary"] = table.round(4).to_dict("records")
-        pair = f"r{a['rank']}s{a['seed']}-vs-r{b['rank']}s{b['seed']}"
-        name = f"subspace-{model}-{task}-{variant}{'-' + tag if tag else ''}-{pair}"
-        experiment_dir = Path(a["run_dir"]).parents[4 + bool(tag)]  # <results>/<experiment>/<model>/.../seed<s>[/tag]
-        path = experiment_dir / "analysis" / f"{name}.json"
+        pair = f"r{ia.rank}s{ia.seed}-vs-r{b.identity.rank}s{b.identity.seed}"
+        name = f"subspace-{ia.model}-{ia.task}-{ia.variant}-{ia.targets}-{ia.key}-{pair}"
+        path = root / ia.experiment / "analysis" / f"{name}.json"
         write_json_atomic(path, result)
         written.append(path)
         means = table.groupby("basis")[["phi_11", "random_11"]].mean().round(3)
@@ -129,7 +132,8 @@ def main(argv=None) -> None:
     frame = load_runs(args.results, status="completed", **filters)
     if frame.empty:
         raise SystemExit(f"no completed runs under {args.results} matching {filters}")
-    written = analyze_runs(frame, _pair_list(args.rank_pairs), _pair_list(args.seed_pairs), args.seed_pair_rank)
+    pairs = _pair_list(args.rank_pairs), _pair_list(args.seed_pairs), args.seed_pair_rank
+    written = analyze_runs(args.results, frame, *pairs)
     print(f"[loralab.analyze] {len(written)} pair(s) written")
 
 

@@ -13,6 +13,17 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+# Field attribute: a setting that does not change what a run computes (logging, checkpointing, where files live).
+# Such settings are left out of the run's identity (loralab.record), so changing one reuses the same run.
+NOT_IDENTITY = {"identity": False}
+
+
+def outside_identity(default=MISSING, *, factory=None):
+    """A dataclass field marked NOT_IDENTITY."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=NOT_IDENTITY)
+    return field(default=default, metadata=NOT_IDENTITY)
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any expensive work starts."""
@@ -45,8 +56,9 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
     modality: str = "text"  # text | image
     dtype: str | None = None  # weights' dtype when loading (float32 | bfloat16 | float16); None: float32
-    target_modules: list[str] = MISSING  # module-name suffixes the variant adapts (PEFT matching rules)
-    target_sets: dict[str, list[str]] = field(default_factory=dict)  # named sets, chosen by the top-level `targets`
+    # module-name suffixes the variant adapts (PEFT matching rules); the effective set is part of the identity
+    target_modules: list[str] = outside_identity()
+    target_sets: dict[str, list[str]] = outside_identity(factory=dict)  # named sets, chosen by the top-level `targets`
     head_modules: list[str] = field(default_factory=list)  # new task head: always trained
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -83,7 +95,7 @@ class TaskConfig:
     # `save_to_disk` directory or files named <split>.{jsonl,json,parquet,csv} (for offline clusters and tests)
     dataset: str | None = None
     subset: str | None = None
-    data_dir: str | None = None
+    data_dir: str | None = outside_identity(None)  # where a copy lives, not which data (the record has its fingerprint)
     train_split: str = "train"
     test_split: str = "test"  # the labelled split reported as "test" (GLUE: the dev set; its test labels are hidden)
     text_fields: list[str] = field(default_factory=list)  # columns holding the text (one, or a pair)
@@ -102,7 +114,7 @@ class TaskConfig:
     min_confidence: float = 0.0  # tweet_sentiment: drop items the annotators agreed on less
     format: str | None = None  # causal_lm: how a training row becomes (prompt, response), see tasks/instruct.py
     eval_sets: list[str] = field(default_factory=list)  # causal_lm: benchmarks run as the test split
-    eval_data: dict[str, str] = field(default_factory=dict)  # benchmark -> hub id or local path (overrides)
+    eval_data: dict[str, str] = outside_identity(factory=dict)  # benchmark -> hub id or local path (overrides)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     sandbox_timeout_s: float = 10.0  # HumanEval: wall-clock limit per program
@@ -111,7 +123,8 @@ class TaskConfig:
 @dataclass
 class VariantConfig:
     name: str = MISSING
-    lr: float = 5e-4  # the variant's default learning rate (train.lr interpolates it; override train.lr to set)
+    # the variant's default learning rate; train.lr interpolates it and is the one the identity records
+    lr: float = outside_identity(5e-4)
 
 
 @dataclass
@@ -123,19 +136,20 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 150  # optimizer steps; <= 0 means use `epochs`
     epochs: float = 1.0
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.06
     scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
     max_grad_norm: float = 1.0
     eval_every: int = 50  # optimizer steps; 0 disables periodic validation
-    log_every: int = 10
-    checkpoint_every: int = 0  # optimizer steps; 0 disables checkpoints (<run_dir>/checkpoints/step_N)
-    keep_checkpoints: int = 2  # the newest k checkpoints stay on disk; 0 keeps all
-    resume: bool = True  # a relaunched job continues from its newest checkpoint (overwrite=true starts afresh)
-    gradient_checkpointing: bool = False  # recompute activations in backward (HF models): less memory, one more forward
+    log_every: int = outside_identity(10)
+    checkpoint_every: int = outside_identity(0)  # optimizer steps; 0: none (<run_dir>/checkpoints/step_N)
+    keep_checkpoints: int = outside_identity(2)  # the newest k checkpoints stay on disk; 0 keeps all
+    resume: bool = outside_identity(True)  # a relaunched job continues from its newest checkpoint
+    # recompute activations in backward (HF models): less memory, one more forward, the same numbers
+    gradient_checkpointing: bool = outside_identity(False)
     precision: str = "no"  # no | fp16 | bf16 (accelerate mixed precision)
-    device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 0
-    progress: bool = True
+    device: str = outside_identity("auto")  # auto | cpu | cuda
+    num_workers: int = outside_identity(0)
+    progress: bool = outside_identity(True)
 
 
 @dataclass
@@ -146,6 +160,9 @@ class LoggerConfig:
     mode: str = "offline"  # offline | online | disabled
     dir: str = "."  # W&B writes <dir>/wandb/offline-run-*
     group: str | None = None  # default: experiment name (plus the sweep's id in a multirun)
+
+
+DEFAULT_ANALYSES = ("spectrum", "amplification", "subspace_bases", "first_step")
 
 
 @dataclass
@@ -160,15 +177,17 @@ class RunConfig:
     model: ModelConfig = MISSING
     task: TaskConfig = MISSING
     variant: VariantConfig = MISSING
-    logger: LoggerConfig = MISSING
+    logger: LoggerConfig = outside_identity()
     train: TrainConfig = field(default_factory=TrainConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    paths: PathsConfig = outside_identity(factory=PathsConfig)
     rank: int = 8
     targets: str | None = None  # a named set of model.target_sets (e.g. q, qv, qkvo); None: model.target_modules
     seed: int = 0
-    overwrite: bool = False  # re-run even if a completed result exists
-    save_weights: bool = True
-    analyze: bool = True  # per-run analyses of ΔW (spectrum, amplification, subspace bases) at the end of the job
+    overwrite: bool = outside_identity(False)  # re-run even if a completed result exists
+    save_weights: bool = outside_identity(True)
+    # per-run analyses (loralab.analysis.per_run.ANALYSES), in order; [] for none. They fork the RNG, so the run
+    # trains the same with or without them
+    analyses: list[str] = outside_identity(factory=lambda: list(DEFAULT_ANALYSES))
 
 
 # task kind -> (modality, whether the task adds a new, trained head to the model)
@@ -198,6 +217,11 @@ def validate(cfg: Any) -> None:
         value = getattr(getattr(cfg, group), attr)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not supported; choose one of {list(allowed)}")
+    from loralab.analysis.per_run import ANALYSES  # noqa: PLC0415  (analyses import torch)
+
+    unknown = [a for a in cfg.analyses if a not in ANALYSES]
+    if unknown or len(set(cfg.analyses)) != len(cfg.analyses):
+        raise ConfigError(f"analyses={list(cfg.analyses)}: each at most once, from {sorted(ANALYSES)}")
     if cfg.rank <= 0:
         raise ConfigError(f"rank={cfg.rank} must be a positive integer")
     t = cfg.train

@@ -24,12 +24,15 @@ def estimate_gradients(
     batches: Iterable[dict],
     n_batches: int,
     offload_device: str | torch.device = "cpu",
+    train_mode: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Mean over `n_batches` of ∂L/∂W for each target layer's weight (fp32, on `offload_device`).
 
-    Runs in train mode (dropout on, as the official code). With several processes (torch.distributed initialised)
-    `batches` must be the same seeded sequence on every process: process k takes batches k, k + world, ... and the
-    sums are all-reduced, so the estimate is the single-process one over the same N batches."""
+    Runs in train mode (dropout on, as the official code); `train_mode=False` runs it in eval mode (dropout off,
+    deterministic: the first-step probe's full fine-tuning gradient). The model's mode is restored either way.
+    With several processes (torch.distributed initialised) `batches` must be the same seeded sequence on every
+    process: process k takes batches k, k + world, ... and the sums are all-reduced, so the estimate is the
+    single-process one over the same N batches."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     modules = dict(model.named_modules())
@@ -47,7 +50,7 @@ def estimate_gradients(
 
         return hook
 
-    model.train()
+    model.train(train_mode)
     model.requires_grad_(False)
     for name in targets:
         weight = modules[name].weight

@@ -1,8 +1,8 @@
-"""Result records: one JSON per run with full provenance, and `load_runs` to read them into pandas."""
+"""Reading results into pandas (`load_runs`), and what a job measures about itself (provenance, peak memory).
+The record type and the run identity are in `loralab.record`."""
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -14,7 +14,8 @@ import pandas as pd
 import psutil
 import torch
 
-RESULT_FILE = "result.json"
+from loralab.record import RunRecord, find_records
+
 BASES_FILE = "analysis_bases.safetensors"  # per-run subspace bases for the cross-run φ grids (not committed)
 PACKAGES = (
     "loralab",
@@ -30,70 +31,6 @@ PACKAGES = (
     "scikit-learn",
     "safetensors",
 )
-# overrides that choose the path components themselves, or that do not change what a run computes
-PATH_KEYS = ("experiment", "experiment_name", "model", "task", "variant", "rank", "seed")
-NON_SEMANTIC = (
-    "logger",
-    "overwrite",
-    "save_weights",
-    "analyze",  # the analyses fork the RNG: training is the same with or without them
-    "paths",
-    "task.data_dir",  # where a copy of the data lives, not which data: the result records its fingerprint
-    "task.eval_data",
-    "train.progress",
-    "train.checkpoint_every",  # checkpointing and resuming do not change the run's result (tested)
-    "train.keep_checkpoints",
-    "train.resume",
-    "train.gradient_checkpointing",
-    "train.device",
-    "train.num_workers",
-    "hydra",
-)
-
-
-def override_tag(overrides: list[str], keep_path_keys: bool = False) -> str:
-    """The overrides that change what a run computes, sorted, as one path-safe string. Without `keep_path_keys`
-    the keys that are path components already (model, variant, rank, ...) are left out too; their sub-keys
-    (task.n_train, model.target_modules, ...) always stay."""
-    keep = []
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if any(key == k or key.startswith(k + ".") for k in NON_SEMANTIC):
-            continue
-        if not keep_path_keys and key in PATH_KEYS:
-            continue
-        keep.append(item.lstrip("+"))
-    return ",".join(sorted(keep)).replace("/", "_")
-
-
-def run_dir(cfg, overrides: list[str] = ()) -> Path:
-    """results/<experiment>/<model>/<task>/<variant>/r<rank>/seed<seed>[/<other overrides>]"""
-    path = (
-        Path(cfg.paths.results_dir)
-        / cfg.experiment_name
-        / cfg.model.name
-        / cfg.task.name
-        / cfg.variant.name
-        / f"r{cfg.rank}"
-        / f"seed{cfg.seed}"
-    )
-    # the effective target set belongs to the run's identity whether a preset or the command line chose it
-    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "targets"]
-    tag = override_tag(chosen + ([f"targets={cfg.targets}"] if cfg.get("targets") else []))
-    return path / tag if tag else path
-
-
-def run_tag(run_dir: str | Path) -> str:
-    """The `<other overrides>` component of a run directory ('' when there is none)."""
-    name = Path(run_dir).name
-    return "" if name.startswith("seed") else name
-
-
-def read_result(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _git(*args: str) -> str | None:
@@ -159,31 +96,36 @@ class PeakMemory:
         return out
 
 
-def flatten_record(record: dict) -> dict:
-    row = {
-        k: record.get(k)
-        for k in ("experiment", "model", "task", "variant", "rank", "seed", "status", "wall_time_s", "run_dir")
+def record_row(record: RunRecord, path: str | Path | None = None) -> dict:
+    """One table row: the identity as columns (readable parts, key, each hyperparameter under its dotted name), the
+    effective learning rate, status, metrics, parameter counts, memory; the record itself in `record`."""
+    row = record.identity.columns() | {
+        "lr": record.config.get("train", {}).get("lr"),
+        "status": record.status.value,
+        "wall_time_s": record.wall_time_s,
+        "run_dir": record.run_dir,
     }
-    row.update(record.get("metrics") or {})
-    row.update({f"params/{k}": v for k, v in (record.get("params") or {}).items()})
-    row.update({f"memory/{k}": v for k, v in (record.get("memory") or {}).items()})
-    row["error"] = (record.get("error") or {}).get("message")
+    row.update(record.metrics)
+    row.update({f"params/{k}": v for k, v in record.params.items()})
+    row.update({f"memory/{k}": v for k, v in record.memory.items()})
+    row["error"] = (record.error or {}).get("message")
     row["record"] = record
+    if path is not None:
+        row["path"] = str(path)
     return row
 
 
 def load_runs(root: str | Path = "results", status: str | None = None, **filters) -> pd.DataFrame:
-    """Every result JSON under `root` as one row (metrics, params, memory flattened; the whole record in `record`).
+    """Every result file under `root` as one row (see `record_row`); older schemas are migrated as they are read.
 
-    `filters` select on columns, e.g. ``load_runs(variant="lora", rank=[8, 64])``."""
-    rows = [
-        flatten_record(r) | {"path": str(p)} for p in sorted(Path(root).rglob(RESULT_FILE)) if (r := read_result(p))
-    ]
-    frame = pd.DataFrame(rows)
+    `filters` select on columns, e.g. ``load_runs(variant="lora", rank=[8, 64])`` or ``**{"train.lr": 1e-3}``."""
+    frame = pd.DataFrame([record_row(r, p) for p, r in find_records(root)])
     if frame.empty:
         return frame
     if status is not None:
-        frame = frame[frame.status == status]
+        frame = frame[frame.status == str(getattr(status, "value", status))]
     for key, value in filters.items():
+        if key not in frame:
+            return frame.iloc[0:0]
         frame = frame[frame[key].isin(value if isinstance(value, (list, tuple, set)) else [value])]
     return frame.reset_index(drop=True)

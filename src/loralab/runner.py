@@ -1,27 +1,31 @@
-"""One job: validate -> build -> adapt -> train -> evaluate -> record. Every outcome ends in a result file."""
+"""One job in stages: validate -> build -> prepare -> train -> analyse -> record (`run_job` calls them in order).
+
+Bad input stops at validation, before anything is loaded or written; every later outcome ends in a result file."""
 
 from __future__ import annotations
 
 import logging
 import time
 import traceback
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate.utils import get_int_from_env, set_seed
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from loralab.analysis.first_step import first_step_alignment
-from loralab.analysis.per_run import per_run_analysis
+from loralab.analysis.per_run import PerRunAnalysis, make_analyses
 from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
-from loralab.figures import spectrum_heatmap
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
-from loralab.results import BASES_FILE, RESULT_FILE, PeakMemory, override_tag, provenance, read_result, run_dir
+from loralab.record import RESULT_FILE, RunRecord, Status, identity_of, read_record
+from loralab.results import BASES_FILE, PeakMemory, provenance
 from loralab.targets import check_rank, find_targets, matches
 from loralab.tasks import check_data_path, load_task
-from loralab.trackers import make_tracker
+from loralab.trackers import Tracker, make_tracker
 from loralab.train import (
     NonFiniteLossError,
     device_batches,
@@ -30,8 +34,7 @@ from loralab.train import (
     total_steps,
     train,
 )
-from loralab.variants import PrepareContext, get_variant
-from loralab.variants.base import cpu_copy
+from loralab.variants import PrepareContext, Variant, get_variant
 
 log = logging.getLogger(__name__)
 
@@ -71,132 +74,176 @@ def is_main_process() -> bool:
     return get_int_from_env(["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
 
 
-def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_errors: bool = True) -> dict:
-    """Run one configured job and write its result JSON (also when it fails). Returns the record.
+@dataclass
+class Job:
+    """What the stages of one job hand on to each other."""
 
-    In a multi-process job every process trains; only the main process writes (result, bases, weights, W&B)."""
-    out = run_dir(cfg, overrides)
+    cfg: DictConfig
+    record: RunRecord
+    out: Path  # the run directory
+    root: Path  # the results root (record paths are relative to it)
+    variant: Variant
+    targets: list[str]
+    analyses: list[PerRunAnalysis]
+    main: bool = field(default_factory=is_main_process)
+    group: str | None = None
+    accelerator: Any = None
+    tracker: Tracker | None = None
+    data: Any = None
+    model: torch.nn.Module | None = None
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def validate_job(cfg) -> tuple[Variant, list[str], list[PerRunAnalysis]]:
+    """Stage 1: everything checkable without weights or data (`ConfigError` naming the bad value)."""
+    variant, targets = check_inputs(cfg)
+    return variant, targets, make_analyses(list(cfg.analyses), cfg.rank, targets)
+
+
+def build(job: Job) -> None:
+    """Stage 2: accelerator, tracker, data and the pretrained model."""
+    cfg, record = job.cfg, job.record
+    job.accelerator = make_accelerator(cfg.train)
+    record.processes = job.accelerator.num_processes  # data-parallel processes that trained this run
+    identity = record.identity
+    job.tracker = make_tracker(
+        cfg.logger,
+        group=job.group or cfg.experiment_name,
+        name=override_name(record.overrides),
+        tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
+        config=record.config,
+        main_process=job.main,
+    )
+    record.wandb_dir = job.tracker.location
+    set_seed(cfg.seed)
+    job.data = load_task(cfg.task, build_tokenizer(cfg.model))
+    record.data = {"fingerprint": job.data.fingerprint, "sizes": job.data.sizes}
+    job.model = build_model(cfg.model, cfg.task, cfg.paths.cache_dir).to(job.accelerator.device)
+
+
+def prepare(job: Job) -> None:
+    """Stage 3: the variant's init, with the analyses that look at the model just before and just after it."""
+    cfg, device = job.cfg, job.accelerator.device
+    if job.analyses:
+        first_batch = next(device_batches(job.data, cfg.train.batch_size, cfg.seed, device))
+        for analysis in job.analyses:
+            analysis.before_prepare(job.model, first_batch)
+    ctx = PrepareContext(
+        train_batches=lambda size: device_batches(job.data, size, cfg.seed, device),
+        total_steps=total_steps(cfg.train, len(job.data.train), job.accelerator.num_processes),
+    )
+    start = time.perf_counter()
+    job.model = job.variant.prepare(job.model, job.targets, head_modules(cfg), ctx)
+    job.record.init_time_s = round(time.perf_counter() - start, 3)
+    for analysis in job.analyses:
+        analysis.after_prepare(job.model, job.variant)
+    job.record.params = count_parameters(job.model)
+    job.record.adapted_layers = list(job.targets)
+
+
+def train_stage(job: Job) -> None:
+    """Stage 4: the training loop (and its final evaluation)."""
+    cfg = job.cfg
+    result = train(
+        job.model,
+        job.variant,
+        job.data,
+        cfg.train,
+        cfg.seed,
+        job.tracker,
+        job.accelerator,
+        checkpoint_dir=job.out / "checkpoints",
+        eval_dir=job.out / "eval",
+        resume=cfg.train.resume and not cfg.overwrite,  # overwrite=true: from scratch
+        checkpoint_layers=job.targets,
+    )
+    job.record.metrics, job.record.curves, job.record.steps = result.metrics, result.curves, result.steps
+    job.record.train_time_s = round(result.train_time_s, 2)
+    job.record.resumed_from_step = result.resumed_from
+
+
+def analyse(job: Job) -> None:
+    """Stage 5: ΔW per adapted matrix, the configured analyses on it, their tables / tensors / figures; weights."""
+    record, model = job.record, job.model
+    with gathered_parameters(model):  # FSDP: whole matrices for the analyses and the saved weights
+        deltas = job.variant.delta_weights(model)
+        record.delta_fro_norms = {n: float(d.norm()) for n, d in deltas.items()}
+        if job.analyses and job.main:
+            factors, tensors = job.variant.factors(model), {}
+            for analysis in job.analyses:
+                rows = analysis.after_training(deltas, factors)
+                tensors.update(analysis.tensors())
+                if rows:
+                    record.analysis[analysis.name] = rows
+                    job.tracker.log_table(f"analysis/{analysis.name}", rows)
+                    if job.tracker.location:  # a real W&B run: the analysis's figure as an image
+                        path = job.out / f"{analysis.name}.png"
+                        if analysis.figure(rows, path, f"{analysis.name}: {record.run_dir}"):
+                            job.tracker.log_image(f"analysis/{analysis.name}", str(path))
+            if tensors:
+                with atomic_path(job.out / BASES_FILE, suffix=".safetensors") as tmp:
+                    save_file(tensors, str(tmp))
+                record.artifacts["bases"] = job.relative(job.out / BASES_FILE)
+        del deltas
+        if job.cfg.save_weights and job.main:
+            with atomic_dir(job.out / "weights") as tmp:
+                job.variant.save(job.accelerator.unwrap_model(model), tmp)
+            record.artifacts["weights"] = job.relative(job.out / "weights")
+
+
+def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_errors: bool = True) -> RunRecord:
+    """Run one configured job and write its record (also when it fails after validation). Returns the record.
+
+    Bad input raises `ConfigError` before anything is loaded or written. In a multi-process job every process
+    trains; only the main process writes (result, bases, weights, W&B)."""
+    variant, targets, analyses = validate_job(cfg)
+    identity = identity_of(cfg)
+    root = Path(cfg.paths.results_dir)
+    out = root / identity.relative_dir()
     main = is_main_process()
-    existing = read_result(out / RESULT_FILE)
-    if existing and existing.get("status") == "completed" and not cfg.overwrite:
+    existing = read_record(out / RESULT_FILE, root)
+    if existing and existing.status == Status.COMPLETED and not cfg.overwrite:
         log.info("skipping %s: completed result exists (overwrite=true to re-run)", out)
         if main:
             print(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
-        return existing | {"skipped": True}
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    record = {
-        "status": "running",
-        "experiment": cfg.experiment_name,
-        "model": cfg.model.name,
-        "task": cfg.task.name,
-        "variant": cfg.variant.name,
-        "rank": cfg.rank,
-        "seed": cfg.seed,
-        "run_dir": str(out),
-        "overrides": list(overrides),
-        "config": resolved,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "provenance": provenance(),
-    }
-    tracker, failure, start, memory = None, None, time.perf_counter(), PeakMemory()
+        existing.skipped = True
+        return existing
+    record = RunRecord(
+        identity=identity,
+        run_dir=out.relative_to(root).as_posix(),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        provenance=provenance(),
+        overrides=list(overrides),
+    )
+    job = Job(cfg, record, out, root, variant, targets, analyses, main=main, group=group)
+    failure, start, memory = None, time.perf_counter(), PeakMemory()
     try:
         with memory:
-            variant, targets = check_inputs(cfg)
-            accelerator = make_accelerator(cfg.train)
-            record["processes"] = accelerator.num_processes  # data-parallel processes that trained this run
-            tracker = make_tracker(
-                cfg.logger,
-                group=group or cfg.experiment_name,
-                name=override_tag(list(overrides), keep_path_keys=True) or "default",
-                tags=[
-                    f"model:{cfg.model.name}",
-                    f"task:{cfg.task.name}",
-                    f"variant:{cfg.variant.name}",
-                    f"rank:{cfg.rank}",
-                    f"seed:{cfg.seed}",
-                ],
-                config=resolved,
-                main_process=main,
-            )
-            record["wandb_dir"] = tracker.location
-            set_seed(cfg.seed)
-            tokenizer = build_tokenizer(cfg.model)
-            data = load_task(cfg.task, tokenizer)
-            record["data"] = {"fingerprint": data.fingerprint, "sizes": data.sizes}
-            model = build_model(cfg.model, cfg.task, cfg.paths.cache_dir).to(accelerator.device)
-            ctx = PrepareContext(
-                train_batches=lambda size: device_batches(data, size, cfg.seed, accelerator.device),
-                total_steps=total_steps(cfg.train, len(data.train), accelerator.num_processes),
-            )
-            first_step = []
-            if cfg.analyze:  # before the variant touches the model: its first SGD step vs full fine-tuning's
-                first_batch = next(device_batches(data, cfg.train.batch_size, cfg.seed, accelerator.device))
-                first_step = first_step_alignment(model, variant, targets, first_batch)
-            modules = dict(model.named_modules())
-            initial = {n: cpu_copy(modules[n].weight) for n in targets} if cfg.analyze else {}  # W0, pretrained
-            start_init = time.perf_counter()
-            model = variant.prepare(model, targets, head_modules(cfg), ctx)
-            record["init_time_s"] = round(time.perf_counter() - start_init, 3)
-            record["params"] = count_parameters(model)
-            record["adapted_layers"] = targets
-            result = train(
-                model,
-                variant,
-                data,
-                cfg.train,
-                cfg.seed,
-                tracker,
-                accelerator,
-                checkpoint_dir=out / "checkpoints",
-                eval_dir=out / "eval",
-                resume=cfg.train.resume and not cfg.overwrite,  # overwrite=true: from scratch
-                checkpoint_layers=targets,
-            )
-            record.update(
-                metrics=result.metrics,
-                curves=result.curves,
-                steps=result.steps,
-                train_time_s=round(result.train_time_s, 2),
-                resumed_from_step=result.resumed_from,
-            )
-            with gathered_parameters(model):  # FSDP: whole matrices for the analyses and the saved weights
-                deltas = variant.delta_weights(model)
-                record["delta_fro_norms"] = {n: float(d.norm()) for n, d in deltas.items()}
-                if cfg.analyze and main:
-                    tables, bases = per_run_analysis(initial, deltas, variant.factors(model), cfg.rank)
-                    tables["first_step"] = first_step
-                    record["analysis"] = tables
-                    with atomic_path(out / BASES_FILE, suffix=".safetensors") as tmp:
-                        save_file(bases, str(tmp))
-                    for name, rows in tables.items():
-                        tracker.log_table(f"analysis/{name}", rows)
-                    if tracker.location:  # a real W&B run: the ΔW spectrum heatmap as an image
-                        image = spectrum_heatmap(tables["spectrum"], out / "spectrum_heatmap.png", f"ΔW spectra, {out}")
-                        tracker.log_image("analysis/spectrum_heatmap", str(image))
-                if cfg.save_weights and main:
-                    with atomic_dir(out / "weights") as tmp:
-                        variant.save(accelerator.unwrap_model(model), tmp)
-                    record["weights_dir"] = str(out / "weights")
-        record["status"] = "completed"
+            for stage in (build, prepare, train_stage, analyse):
+                stage(job)
+        record.status = Status.COMPLETED
     except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job
         failure = exc
-        record["status"] = "failed"
-        record["error"] = {
+        record.status = Status.FAILED
+        record.error = {
             "type": type(exc).__name__,
             "message": str(exc),
             "traceback": traceback.format_exc(),
             "step": getattr(exc, "step", None),
         }
-    record["wall_time_s"] = round(time.perf_counter() - start, 2)
-    record["memory"] = memory.report()
+    record.wall_time_s = round(time.perf_counter() - start, 2)
+    record.memory = memory.report()
     if main:
-        write_json_atomic(out / RESULT_FILE, record)
-    if tracker is not None:
-        tracker.summary(
-            {k: v for k, v in record.items() if k in ("metrics", "params", "wall_time_s", "memory", "status")}
+        write_json_atomic(out / RESULT_FILE, record.to_dict())
+    if job.tracker is not None:
+        job.tracker.summary(
+            {"metrics": record.metrics, "params": record.params, "wall_time_s": record.wall_time_s}
+            | {"memory": record.memory, "status": record.status.value}
         )
-        tracker.finish(failed=failure is not None)
+        job.tracker.finish(failed=failure is not None)
     if main:
         print(format_summary(record, out / RESULT_FILE))
     if failure is not None and raise_errors:
@@ -204,16 +251,16 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     return record
 
 
-def format_summary(record: dict, path) -> str:
-    params = record.get("params") or {}
-    lines = [
-        ("model", record["model"]),
-        ("task", record["task"]),
-        ("variant", record["variant"]),
-        ("rank", record["rank"]),
-        ("seed", record["seed"]),
-        ("status", record["status"]),
-    ]
+def override_name(overrides: list[str]) -> str:
+    """The W&B run name: the overrides as typed, without those that only say where files go or how to log."""
+    skip = ("paths.", "logger", "hydra.", "overwrite", "train.progress")
+    return ",".join(sorted(o.lstrip("+") for o in overrides if not o.lstrip("+~").startswith(skip))) or "default"
+
+
+def format_summary(record: RunRecord, path) -> str:
+    params, identity = record.params, record.identity
+    lines = [(k, getattr(identity, k)) for k in ("model", "task", "variant", "rank", "seed")]
+    lines.append(("status", record.status.value))
     if params:
         lines.append(
             (
@@ -221,18 +268,18 @@ def format_summary(record: dict, path) -> str:
                 f"{params['trainable']:,} trainable / {params['total']:,} total ({params['trainable_percent']:.3f}%)",
             )
         )
-    for key, value in (record.get("metrics") or {}).items():
+    for key, value in record.metrics.items():
         lines.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
-    if record.get("error"):
-        lines.append(("error", f"{record['error']['type']}: {record['error']['message']}"))
-    mem = record.get("memory", {})
+    if record.error:
+        lines.append(("error", f"{record.error['type']}: {record.error['message']}"))
+    mem = record.memory
     lines += [
-        ("wall time", f"{record['wall_time_s']:.1f} s"),
+        ("wall time", f"{record.wall_time_s:.1f} s"),
         ("peak memory", ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())),
         ("result", str(path)),
     ]
-    if record.get("wandb_dir"):
-        lines.append(("wandb run", record["wandb_dir"]))
+    if record.wandb_dir:
+        lines.append(("wandb run", record.wandb_dir))
     width = max(len(k) for k, _ in lines)
     bar = "=" * 72
     return "\n".join([bar, *(f"{k:>{width}} : {v}" for k, v in lines), bar])

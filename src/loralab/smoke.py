@@ -144,7 +144,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     root = args.out or Path(tempfile.mkdtemp(prefix=f"loralab-smoke-{args.preset}-"))
     for record in run_smoke(args.preset, root, args.overrides):
-        print(f"[smoke] {args.preset}: {record['status']} -> {record['run_dir']}")
+        print(f"[smoke] {args.preset}: {record.status.value} -> {record.run_dir}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ class WandbTracker(Tracker):
 
     def log_table(self, key, rows):
         import pandas as pd  # noqa: PLC0415
-
         import wandb  # noqa: PLC0415
 
         frame = pd.DataFrame(rows).map(lambda v: str(v) if isinstance(v, (list, dict)) else v)

@@ -1,30 +1,136 @@
-"""The analyses every job runs on its own ΔW at the end: spectrum, Table-7 amplification, and the subspace bases
-that the cross-run analyses (`python -m loralab.analyze`) compare between runs."""
+"""The analyses a job runs on its own update, as one configured list (`analyses: [spectrum, amplification, ...]`).
+
+Each is a small registered unit that says when it works — before the variant prepares the model, right after, or on
+ΔW at the end — and what it produces: a table (rows into the record and W&B), tensors (saved beside the result for
+the cross-run analyses), a figure. The runner calls the list in order at each point; adding one is a class here.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
 import torch
 
 from loralab.analysis.amplification import amplification_table
+from loralab.analysis.first_step import FirstStepProbe
 from loralab.analysis.spectrum import spectrum_table
 from loralab.analysis.subspace import as_matrix, delta_bases, left_basis, right_basis
+from loralab.variants.base import cpu_copy
 
-TOP_SINGULAR_VALUES = 16  # kept in the result JSON per matrix (the spectrum figure)
 MAX_BASIS = 64  # directions of ΔW kept for φ grids (the LoRA paper's largest rank)
 
 
-def per_run_analysis(initial: dict, deltas: dict, factors: dict, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON-ready tables, bases to save). `initial` holds the pretrained W0 of each adapted matrix."""
-    spectrum = spectrum_table(deltas, keep_singular_values=True)
-    spectrum["singular_values"] = spectrum["singular_values"].map(lambda s: s[:TOP_SINGULAR_VALUES])
-    amplification = amplification_table(initial, deltas, r=rank)
-    bases = {}
-    for name, dW in deltas.items():
-        k = min(max(rank, 1), MAX_BASIS, *as_matrix(dW).shape)
-        U, V = delta_bases(dW, k)
-        bases[f"{name}|dW_left"], bases[f"{name}|dW_right"] = U, V
-        if name in factors:
-            A, B = factors[name]
-            bases[f"{name}|A_right"], bases[f"{name}|B_left"] = right_basis(A), left_basis(B)
-    tables = {"spectrum": spectrum.to_dict("records"), "amplification": amplification.to_dict("records")}
-    return tables, {k: v.float().contiguous() for k, v in bases.items()}
+class PerRunAnalysis:
+    name: ClassVar[str]
+
+    def __init__(self, rank: int, targets: list[str]):
+        self.rank, self.targets = rank, targets
+
+    def before_prepare(self, model: torch.nn.Module, batch: dict) -> None:
+        """The pretrained model, before the variant touches it; `batch` is the run's first training batch."""
+
+    def after_prepare(self, model: torch.nn.Module, variant) -> None:
+        """The prepared model (adapters in place, no-op at init), before the first optimizer step."""
+
+    def after_training(self, deltas: dict[str, torch.Tensor], factors: dict) -> list[dict]:
+        """Table rows from ΔW = W_final − W0 per adapted matrix and the variant's (A, B) factors."""
+        return []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to save beside the result ("<matrix>|<kind>" keys), for analyses across runs."""
+        return {}
+
+    def figure(self, rows: list[dict], path: Path, title: str) -> Path | None:
+        """A PNG of this run's table, for W&B; None when the analysis has no figure."""
+        return None
+
+
+class Spectrum(PerRunAnalysis):
+    """Singular values of ΔW, stable rank, 90%-energy rank, numerical rank (`analysis.spectrum`)."""
+
+    name = "spectrum"
+
+    def keep(self) -> int:
+        # at least 3r values: LoRA-GA's ΔW has rank <= 2r, and its drop after 2r must be visible
+        return max(3 * self.rank, 16)
+
+    def after_training(self, deltas, factors):
+        table = spectrum_table(deltas, keep_singular_values=True)
+        table["singular_values"] = table["singular_values"].map(lambda s: [float(x) for x in s[: self.keep()]])
+        return table.to_dict("records")
+
+    def figure(self, rows, path, title):
+        from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: no global backend is chosen here)
+
+        spec = pd.DataFrame(rows)
+        grid = np.array([np.array(s) / s[0] if s and s[0] > 0 else np.zeros(len(s)) for s in spec.singular_values])
+        fig = Figure(figsize=(7, 0.25 * len(spec) + 1.5), layout="constrained")
+        ax = fig.subplots()
+        im = ax.imshow(grid, cmap="magma", vmin=0, vmax=1, aspect="auto")
+        ax.set(yticks=range(len(spec)), yticklabels=spec.name, xlabel="singular value index i", title=title)
+        ax.tick_params(axis="y", labelsize=6)
+        fig.colorbar(im, ax=ax, label="σ_i / σ_1")
+        fig.savefig(path, dpi=100)
+        return Path(path)
+
+
+class Amplification(PerRunAnalysis):
+    """LoRA Table 7: W projected on ΔW's top-r subspace, beside W's own and a random one (`analysis.amplification`)."""
+
+    name = "amplification"
+
+    def before_prepare(self, model, batch):
+        modules = dict(model.named_modules())
+        self.initial = {n: cpu_copy(modules[n].weight) for n in self.targets}  # the pretrained W
+
+    def after_training(self, deltas, factors):
+        rows = amplification_table(self.initial, deltas, r=self.rank).to_dict("records")
+        del self.initial
+        return rows
+
+
+class SubspaceBases(PerRunAnalysis):
+    """The singular bases the cross-run φ grids compare (`python -m loralab.analyze`): A's right, B's left and ΔW's
+    left / right singular vectors, saved beside the result."""
+
+    name = "subspace_bases"
+
+    def after_training(self, deltas, factors):
+        self.bases = {}
+        for name, dW in deltas.items():
+            k = min(max(self.rank, 1), MAX_BASIS, *as_matrix(dW).shape)
+            self.bases[f"{name}|dW_left"], self.bases[f"{name}|dW_right"] = delta_bases(dW, k)
+            if name in factors:
+                A, B = factors[name]
+                self.bases[f"{name}|A_right"], self.bases[f"{name}|B_left"] = right_basis(A), left_basis(B)
+        return []
+
+    def tensors(self):
+        return {k: v.float().contiguous() for k, v in self.bases.items()}
+
+
+class FirstStep(PerRunAnalysis):
+    """The variant's first plain-SGD step vs full fine-tuning's on the same batch (`analysis.first_step`)."""
+
+    name = "first_step"
+
+    def before_prepare(self, model, batch):
+        self.probe = FirstStepProbe(self.targets, batch)
+        self.probe.before_prepare(model)
+
+    def after_prepare(self, model, variant):
+        self.rows = self.probe.after_prepare(model, variant)
+        del self.probe
+
+    def after_training(self, deltas, factors):
+        return self.rows
+
+
+ANALYSES: dict[str, type[PerRunAnalysis]] = {c.name: c for c in (Spectrum, Amplification, SubspaceBases, FirstStep)}
+
+
+def make_analyses(names: list[str], rank: int, targets: list[str]) -> list[PerRunAnalysis]:
+    return [ANALYSES[n](rank, targets) for n in names]

@@ -1,0 +1,3 @@
+from loralab.figures import main
+
+main()

@@ -1,0 +1,193 @@
+"""Selecting and aggregating runs for the figures, tables, claims and notebooks — by identity and config only.
+
+Every table adapts to what the selected runs vary in: seeds are aggregated (mean, std, n), a hyperparameter
+setting is chosen per variant (the one most runs share, or the best by validation when comparing variants), and
+variants, ranks and target sets become rows / columns where they vary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loralab.callbacks import sweep_runs
+from loralab.results import load_runs
+
+DISPLAY = {
+    "lora": "LoRA",
+    "loraga": "LoRA-GA",
+    "loraga_peft": "LoRA-GA (PEFT)",
+    "lierra": "LieRA",
+    "liera": "LieRA",
+    "full": "Full FT",
+    "pissa": "PiSSA",
+    "dora": "DoRA",
+    "rslora": "rsLoRA",
+    "lora_plus": "LoRA+",
+    "adalora": "AdaLoRA",
+}
+TARGET_SETS = {"q": "Wq", "qv": "Wq,Wv", "qkvo": "Wq,Wk,Wv,Wo"}
+SETUP = ["experiment", "model", "task"]  # one figure set per (model, task) of an experiment
+REFERENCE = Path(__file__).resolve().parents[3] / "results" / "reference"
+
+
+def display(variant: str) -> str:
+    return DISPLAY.get(variant, variant)
+
+
+def runs_frame(results: str | Path, experiment: str | None = None) -> pd.DataFrame:
+    """Completed runs under a results root — or of a Hydra sweep directory (its jobs' result pointers)."""
+    results = Path(results)
+    if any(results.glob("*/result_path.txt")):
+        frame = sweep_runs(results)
+        frame = frame[frame.status == "completed"] if not frame.empty else frame
+    else:
+        frame = load_runs(results, status="completed")
+    if not frame.empty and experiment is not None:
+        frame = frame[frame.experiment == experiment]
+    return frame.reset_index(drop=True)
+
+
+def results_root(row) -> Path:
+    """The results root a run's record paths are relative to (from where its result file was read)."""
+    path = Path(row["path"]).parent
+    return Path(str(path)[: -len(row["run_dir"])]) if str(path).endswith(row["run_dir"]) else path
+
+
+def main_metric(frame: pd.DataFrame, split: str = "test") -> str | None:
+    """The task's headline metric: accuracy where there is one, else the first non-loss metric of `split`."""
+    columns = [c for c in frame.columns if c.startswith(f"{split}/") and not c.endswith("loss")]
+    columns = [c for c in columns if frame[c].notna().any()]
+    preferred = [c for c in columns if c.endswith("/accuracy")]
+    return (preferred or columns or [None])[0]
+
+
+def common_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (experiment, model, task, variant, targets): the runs of the hyperparameter setting (`key`) that most runs
+    share — the sweep's main setting, leaving lr-search side runs out of per-rank tables."""
+    if frame.empty:
+        return frame
+    counts = frame.groupby([*SETUP, "variant", "targets", "key"]).size().rename("n").reset_index()
+    counts = counts.sort_values("n", ascending=False).drop_duplicates([*SETUP, "variant", "targets"])
+    return frame.merge(counts[[*SETUP, "variant", "targets", "key"]], on=[*SETUP, "variant", "targets", "key"])
+
+
+def best_setting(frame: pd.DataFrame, by=("variant", "targets", "rank")) -> pd.DataFrame:
+    """Per group `by`: the runs of the hyperparameter setting with the best mean validation metric over seeds
+    (test metric where a task has no validation split). Column `lr` says which learning rate that is."""
+    if frame.empty:
+        return frame
+    metric = main_metric(frame, "val") or main_metric(frame, "test")
+    keys = [*SETUP, *by]
+    means = frame.groupby([*keys, "key"])[metric].mean().rename("score").reset_index()
+    best = means.sort_values("score", ascending=False).drop_duplicates(keys)
+    return frame.merge(best[[*keys, "key"]], on=[*keys, "key"])
+
+
+def main_targets(frame: pd.DataFrame) -> str | None:
+    """The target set most runs use (Wq,Wv in the LoRA paper's experiments)."""
+    return None if frame.empty else frame.targets.value_counts().index[0]
+
+
+def aggregate(frame: pd.DataFrame, by: list[str], value: str, scale: float = 1.0) -> pd.DataFrame:
+    """mean, std (ddof 1; NaN for one seed) and n of `value` × `scale` over the runs of each group."""
+    stats = frame.groupby(by)[value].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    stats[["mean", "std"]] = stats[["mean", "std"]] * scale
+    return stats.reset_index()
+
+
+def pm(mean: float, std: float, n: int, digits: int = 1) -> str:
+    """'86.5 ± 0.4 (n=3)'; one seed has no spread: '86.5 (n=1)'."""
+    if pd.isna(mean):
+        return "--"
+    spread = f" ± {std:.{digits}f}" if n > 1 and not pd.isna(std) else ""
+    return f"{mean:.{digits}f}{spread} (n={n})"
+
+
+def pm_table(stats: pd.DataFrame, index: str | list[str], columns: str, digits: int = 1) -> pd.DataFrame:
+    """Pivot of `aggregate` output as 'mean ± std (n)' strings."""
+    cells = stats.assign(cell=[pm(m, s, n, digits) for m, s, n in zip(stats["mean"], stats["std"], stats["n"])])
+    return cells.pivot(index=index, columns=columns, values="cell")
+
+
+def analysis_rows(frame: pd.DataFrame, analysis: str) -> pd.DataFrame:
+    """The per-run analysis table `analysis` of every run in `frame`, stacked, with the runs' identity columns."""
+    parts = []
+    for _, run in frame.iterrows():
+        rows = run.record.analysis.get(analysis) or []
+        if rows:
+            part = pd.DataFrame(rows)
+            for column in (*SETUP, "variant", "targets", "rank", "seed", "key", "lr"):
+                part[column] = run[column]
+            parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def per_run_means(frame: pd.DataFrame, analysis: str, columns: list[str]) -> pd.DataFrame:
+    """Per run: the mean over its adapted matrices of `columns` of a per-run analysis table."""
+    rows = analysis_rows(frame, analysis)
+    if rows.empty:
+        return rows
+    keys = [*SETUP, "variant", "targets", "rank", "seed", "key", "lr"]
+    return rows.groupby(keys)[columns].mean().reset_index()
+
+
+def layer_of(name: str) -> int | None:
+    digits = [int(p) for p in name.split(".") if p.isdigit()]
+    return digits[0] if digits else None
+
+
+def matrix_of(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def paper_layer(names) -> int | None:
+    """The LoRA paper reads GPT-3's layer 48 of 96: the middle block; here the middle of this model's blocks."""
+    blocks = sorted({b for n in names if (b := layer_of(n)) is not None})
+    return blocks[len(blocks) // 2] if blocks else None
+
+
+def subspace_results(frame: pd.DataFrame) -> list[dict]:
+    """The cross-run φ results (loralab.analyze) whose two runs are both in `frame`."""
+    if frame.empty:
+        return []
+    selected, out = set(frame.run_dir), []
+    roots = {results_root(row) for _, row in frame.iterrows()}
+    for root in roots:
+        for experiment in frame.experiment.unique():
+            for path in sorted((root / experiment / "analysis").glob("subspace-*.json")):
+                result = json.loads(path.read_text())
+                if result["a"]["run_dir"] in selected and result["b"]["run_dir"] in selected:
+                    out.append(result)
+    return out
+
+
+def phi(result: dict, layer: str, basis: str = "A_right") -> tuple[np.ndarray, np.ndarray]:
+    entry = result["layers"][layer][basis]
+    return np.array(entry["phi"]), np.array(result["random"][entry["random"]])
+
+
+def mean_phi(result: dict, matrix: str, basis: str = "A_right") -> np.ndarray:
+    return np.mean([phi(result, n, basis)[0] for n in result["layers"] if matrix_of(n) == matrix], axis=0)
+
+
+def reference(results: str | Path, name: str) -> tuple[pd.DataFrame, str] | tuple[None, str]:
+    """A paper's printed numbers (`<results>/reference/<name>.csv`, else the repository's), and its source line."""
+    for folder in (Path(results) / "reference", REFERENCE):
+        path = folder / f"{name}.csv"
+        if path.exists():
+            return pd.read_csv(path, comment="#"), path.read_text().splitlines()[0].lstrip("# ")
+    return None, ""
+
+
+def loss_curves(frame: pd.DataFrame, steps: int | None = None) -> dict[tuple, np.ndarray]:
+    """Training loss per step, (variant, rank, lr) -> array seeds × steps (runs cut to the shortest)."""
+    curves: dict[tuple, list] = {}
+    for _, run in frame.iterrows():
+        values = [v for _, v in run.record.curves.get("train/loss", [])]
+        if values:
+            curves.setdefault((run.variant, run["rank"], run.lr), []).append(values[:steps] if steps else values)
+    return {k: np.array([c[: min(map(len, v))] for c in v]) for k, v in sorted(curves.items())}
