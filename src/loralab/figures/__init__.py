@@ -242,7 +242,11 @@ def variants_section(w: Writer, frame: pd.DataFrame, metric: str, results):
     lrs.columns = [f"lr r={c}" for c in lrs.columns]
     params = best.groupby(["variant", "rank"])["params/trainable"].first().unstack()
     params.columns = [f"params r={c}" for c in params.columns]
-    table = pd.concat([table, lrs.map(lambda x: f"{x:g}"), params.astype("Int64")], axis=1)
+    lrs, params = (
+        lrs.map(lambda x: "--" if pd.isna(x) else f"{x:g}"),
+        params.map(lambda x: "--" if pd.isna(x) else int(x)),
+    )
+    table = pd.concat([table, lrs, params], axis=1)
     table.index = [display(v) for v in table.index]
     paper, source = data.reference(results, "liera_main")
     w.table(
@@ -282,7 +286,8 @@ def spectrum_section(w: Writer, frame: pd.DataFrame):
     )
     rows = data.analysis_rows(base, "spectrum")
     ranks = rows.groupby("rank").variant.nunique()
-    rank = int(ranks.idxmax())
+    widest = ranks[ranks == ranks.max()].index
+    rank = 8 if 8 in widest else int(widest.max())  # the papers' comparison rank where all variants ran it
     rows = rows[rows["rank"] == rank]
     first = rows.name.iloc[0]
     mid = data.paper_layer(rows.name)
@@ -327,7 +332,9 @@ def render(results: str | Path, out: str | Path, experiment: str | None = None) 
         )
         w = render_experiment(part.reset_index(drop=True), results, out / name)
         w.finish(f"{key[0]}: {key[1]} on {key[2]}")
-        lines.append(f"- [{name}]({name}/index.md): {len(part)} runs — {', '.join(dict.fromkeys(w.written)) or 'no items'}")
+        lines.append(
+            f"- [{name}]({name}/index.md): {len(part)} runs — {', '.join(dict.fromkeys(w.written)) or 'no items'}"
+        )
         verdicts.append(evaluate(part.reset_index(drop=True)).assign(experiment=name))
     (out / "claims.md").write_text(claims_markdown(pd.concat(verdicts, ignore_index=True)))
     lines += ["", "Paper claims with verdicts: [claims.md](claims.md)"]

@@ -110,7 +110,7 @@ def pm(mean: float, std: float, n: int, digits: int = 1) -> str:
 def pm_table(stats: pd.DataFrame, index: str | list[str], columns: str, digits: int = 1) -> pd.DataFrame:
     """Pivot of `aggregate` output as 'mean ± std (n)' strings."""
     cells = stats.assign(cell=[pm(m, s, n, digits) for m, s, n in zip(stats["mean"], stats["std"], stats["n"])])
-    return cells.pivot(index=index, columns=columns, values="cell")
+    return cells.pivot(index=index, columns=columns, values="cell").fillna("--")
 
 
 def analysis_rows(frame: pd.DataFrame, analysis: str) -> pd.DataFrame:
