@@ -1,7 +1,6 @@
 """Issue 5: language presets -- settings, smoke pipelines, GLUE / label-word / instruction-data semantics."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from conftest import run_cli
 from loralab import fixtures
 from loralab.config import ConfigError
 from loralab.models import build_tokenizer, model_config
-from loralab.smoke import SMOKE, run_smoke
+from loralab.record import RESULT_FILE, Status
+from loralab.smoke import SMOKE, SMOKE_EXPERIMENT, run_smoke
 from loralab.tasks import EvalContext, load_task
 from loralab.tasks.instruct import FORMATS, encode_pair, sft_pairs
 from loralab.train import make_accelerator
@@ -78,17 +78,19 @@ def test_every_preset_defines_its_sweep():
 @pytest.mark.parametrize("preset", sorted(SMOKE))
 def test_smoke_runs_the_whole_pipeline(preset, tmp_path):
     records = run_smoke(preset, tmp_path)
-    metrics = {k: v for r in records for k, v in r["metrics"].items()}
+    results = tmp_path / "results"  # the smoke jobs' paths.results_dir
+    metrics = {k: v for r in records for k, v in r.metrics.items()}
     for record in records:
-        assert record["status"] == "completed"
-        assert json.loads((Path(record["run_dir"]) / "result.json").read_text())["status"] == "completed"
-        assert record["data"]["fingerprint"]
+        assert record.status == Status.COMPLETED and record.identity.experiment == SMOKE_EXPERIMENT.get(preset, preset)
+        assert json.loads((results / record.run_dir / RESULT_FILE).read_text())["status"] == "completed"
+        assert record.data["fingerprint"]
+    assert len({r.run_dir for r in records}) == len(records)  # every job of a preset has its own run
     for key in EXPECTED_METRICS[preset]:
         assert key in metrics, (key, sorted(metrics))
     if preset == "loraga_llama":  # never a fake score: no judge configured -> "not judged", answers still saved
         assert metrics["test/mtbench_status"] == "not judged" and "test/mtbench_score" not in metrics
-        run = next(r for r in records if r["task"] == "wizardlm_mtbench")
-        answers = (Path(run["run_dir"]) / "eval" / "mtbench_answers.jsonl").read_text()
+        run = next(r for r in records if r.identity.task == "wizardlm_mtbench")
+        answers = (results / run.run_dir / "eval" / "mtbench_answers.jsonl").read_text()
         assert len(answers.splitlines()) == 2
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from conftest import CONF, ROOT, TINY_TEXT, run_cli
 from loralab.gradients import estimate_gradients
 from loralab.models import build_model, build_tokenizer
+from loralab.record import RESULT_FILE, RunRecord, Status, read_record
 from loralab.runner import check_inputs
 from loralab.tasks import load_task
 from loralab.trackers import Tracker, read_offline_run
@@ -37,9 +38,14 @@ def launch(*args: str, cwd: Path, processes: int = 2, timeout: int = 300) -> sub
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def only_result(root: Path) -> dict:
-    (path,) = Path(root).rglob("result.json")
-    return json.loads(path.read_text())
+def only_result(root: Path) -> RunRecord:
+    (path,) = Path(root).rglob(RESULT_FILE)
+    return read_record(path)
+
+
+def adapter(root: Path, record: RunRecord) -> dict[str, torch.Tensor]:
+    """The saved PEFT adapter of a run (its weights artifact, relative to the results root)."""
+    return load_file(str(Path(root) / record.artifacts["weights"] / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
@@ -55,16 +61,16 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("status : completed") == 1  # the summary comes from rank 0 only
     one, two = only_result(tmp_path / "one"), only_result(tmp_path / "two")
-    assert (one["processes"], two["processes"]) == (1, 2) and one["steps"] == two["steps"] == 4
+    assert (one.processes, two.processes) == (1, 2) and one.steps == two.steps == 4
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2  # one per job, none from rank 1
-    a, b = (load_file(str(Path(r["weights_dir"]) / "adapter_model.safetensors")) for r in (one, two))
+    a, b = adapter(tmp_path / "one", one), adapter(tmp_path / "two", two)
     assert a.keys() == b.keys() and sum("lora_" in k for k in a) == 8
     for key in a:  # measured: max |difference| 7e-9 on values up to 0.18 after 4 AdamW steps (loss: 6e-8)
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
-    for (s1, l1), (s2, l2) in zip(one["curves"]["train/loss"], two["curves"]["train/loss"]):
+    for (s1, l1), (s2, l2) in zip(one.curves["train/loss"], two.curves["train/loss"]):
         assert s1 == s2 and l2 == pytest.approx(l1, abs=1e-6)
-    assert two["metrics"]["test/accuracy"] == one["metrics"]["test/accuracy"]
-    assert two["metrics"]["test/loss"] == pytest.approx(one["metrics"]["test/loss"], abs=1e-6)
+    assert two.metrics["test/accuracy"] == one.metrics["test/accuracy"]
+    assert two.metrics["test/loss"] == pytest.approx(one.metrics["test/loss"], abs=1e-6)
 
 
 def _free_port() -> int:
@@ -161,7 +167,6 @@ def test_fsdp2_sharded_model_is_gathered_for_the_analyses_and_the_saved_adapter(
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
 
 
-@pytest.mark.slow
 def numbers(obj) -> list[float]:
     """Every number in a nested JSON-like structure, in a fixed order."""
     if isinstance(obj, dict):
@@ -171,6 +176,7 @@ def numbers(obj) -> list[float]:
     return [float(obj)] if isinstance(obj, int | float) else []
 
 
+@pytest.mark.slow
 def test_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """A real SIGKILL once step_3's checkpoint exists; the relaunch continues from the newest complete checkpoint
     (ignoring a half-written one) and ends with the same metrics, loss curve and weights as a run never killed.
@@ -201,16 +207,16 @@ def test_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed, not finished
-    run_dir = Path(ref["run_dir"].replace(str(tmp_path / "ref"), str(results)))
-    assert not (run_dir / "result.json").exists()
+    run_dir = results / ref.run_dir  # the same identity, so the same place under the other results root
+    assert not (run_dir / RESULT_FILE).exists()
     done = [int(p.name.removeprefix("step_")) for p in checkpoints(run_dir / "checkpoints")]
     assert done and max(done) < 12
     (run_dir / "checkpoints" / ".step_99.half").mkdir()  # a save interrupted midway: never a resume point
 
     relaunch = run_cli(*args, f"paths.results_dir={results}", cwd=tmp_path)
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
-    resumed = json.loads((run_dir / "result.json").read_text())
-    assert resumed["resumed_from_step"] == max(done)
+    resumed = read_record(run_dir / RESULT_FILE)
+    assert resumed.resumed_from_step == max(done) and resumed.run_dir == ref.run_dir
     assert not (run_dir / "checkpoints" / ".step_99.half").exists()
     assert [p.name for p in checkpoints(run_dir / "checkpoints")] == ["step_9", "step_12"]  # keep_checkpoints=2
     # CPU, same seed: identical, not only close
@@ -220,9 +226,9 @@ def test_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
         json.dumps(x).count(",") == json.dumps(y).count(",")
         and all(math.isclose(u, v, rel_tol=1e-5, abs_tol=1e-7) for u, v in zip(numbers(x), numbers(y)))
     )
-    assert close(resumed["curves"], ref["curves"]) and close(resumed["metrics"], ref["metrics"])
-    assert close(resumed["delta_fro_norms"], ref["delta_fro_norms"])
-    a, b = (load_file(str(Path(r["weights_dir"]) / "adapter_model.safetensors")) for r in (ref, resumed))
+    assert close(resumed.curves, ref.curves) and close(resumed.metrics, ref.metrics)
+    assert close(resumed.delta_fro_norms, ref.delta_fro_norms)
+    a, b = adapter(tmp_path / "ref", ref), adapter(results, resumed)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
@@ -327,7 +333,7 @@ def test_sweep_through_a_parallel_launcher_is_aggregated_in_one_wandb_group(tmp_
     assert len(rows) == 3 and sum(",completed," in r for r in rows[1:]) == 2
     assert "2 jobs, 0 failed" in proc.stdout
     assert wandb_groups(tmp_path) == [f"default/{sweep.name}"] * 2
-    assert sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "results").rglob("result.json")) == [0, 1]
+    assert sorted(read_record(p).identity.seed for p in (tmp_path / "results").rglob(RESULT_FILE)) == [0, 1]
 
 
 @pytest.mark.slow
@@ -345,8 +351,8 @@ def test_relaunched_sweep_skips_finished_jobs_and_resumes_the_unfinished_one(tmp
     ]
     first = run_cli(*args, f"hydra.sweep.dir={tmp_path}/sweep1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    (path,) = [p for p in (tmp_path / "results").rglob("result.json") if json.loads(p.read_text())["seed"] == 1]
-    before = json.loads(path.read_text())
+    (path,) = [p for p in (tmp_path / "results").rglob(RESULT_FILE) if read_record(p).identity.seed == 1]
+    before = read_record(path)
     path.unlink()
     (path.parent / "checkpoints" / "step_4").rename(tmp_path / "step_4.away")
 
@@ -355,9 +361,9 @@ def test_relaunched_sweep_skips_finished_jobs_and_resumes_the_unfinished_one(tmp
     assert "2 jobs, 0 failed" in again.stdout
     logs = "".join(p.read_text() for p in (tmp_path / "sweep2" / ".submitit").rglob("*_log.out"))
     assert logs.count("[loralab] skip:") == 1
-    after = json.loads(path.read_text())
-    assert after["resumed_from_step"] == 2 and after["curves"] == before["curves"]
-    assert after["metrics"] == before["metrics"]
+    after = read_record(path)
+    assert after.resumed_from_step == 2 and after.curves == before.curves
+    assert after.metrics == before.metrics and after.identity == before.identity
 
 
 @pytest.mark.slow
@@ -375,7 +381,7 @@ def test_a_sweep_job_can_be_one_multi_process_job(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = only_result(tmp_path / "results")
-    assert record["status"] == "completed" and record["processes"] == 2
+    assert record.status == Status.COMPLETED and record.processes == 2
     assert len(wandb_groups(tmp_path)) == 1  # rank 0 only
     assert "1 jobs, 0 failed" in proc.stdout
 

@@ -3,6 +3,7 @@ parameter budget of the real architectures (meta device) and both smoke runs thr
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from conftest import CONF, ROOT
 from loralab.config import ConfigError, TaskConfig, TrainConfig
 from loralab.detection import backbone_module
 from loralab.models import build_model, build_skeleton
+from loralab.record import RESULT_FILE, Status
 from loralab.runner import run_job
 from loralab.tasks import EvalContext, load_task
 from loralab.tasks.coco import coco_evaluator, decode_segmentation, read_annotations, resized_size
@@ -125,20 +127,26 @@ def test_vtab_from_a_datasets_copy(vtab_dir, tmp_path):
 @pytest.mark.slow
 def test_liera_vtab_smoke_through_the_runner(compose_cfg, vtab_dir):
     base = ["experiment=liera_vtab_smoke", f"task.data_dir={vtab_dir}", *SMOKE]
-    record = run_job(compose_cfg(*base))
-    assert record["status"] == "completed" and record["steps"] == 6 and 0 <= record["metrics"]["test/accuracy"] <= 1
-    assert record["data"]["sizes"] == {"train": 50, "val": 0, "test": 50}
-    kinds = {name.rsplit(".", 1)[-1] for name in record["adapted_layers"]}
+    cfg = compose_cfg(*base)
+    record = run_job(cfg)
+    assert record.status == Status.COMPLETED and record.steps == 6 and 0 <= record.metrics["test/accuracy"] <= 1
+    assert record.data["sizes"] == {"train": 50, "val": 0, "test": 50}
+    kinds = {name.rsplit(".", 1)[-1] for name in record.adapted_layers}
     assert kinds == {"patch_embeddings", "1", "dwconv", "pwconv1", "pwconv2"}  # "1": downsampling_layer.1
-    dw = [v for k, v in record["delta_fro_norms"].items() if k.endswith("dwconv")]
+    dw = [v for k, v in record.delta_fro_norms.items() if k.endswith("dwconv")]
     assert len(dw) == 5 and min(dw) > 0  # LieRA trained every depthwise kernel
-    assert Path(record["run_dir"], "result.json").is_file() and record["run_dir"].endswith("targets=conv_linear")
-    exact = run_job(compose_cfg(*base, "variant.exact_exp=true", "analyze=false"))
-    assert exact["status"] == "completed" and exact["params"] == record["params"]
-    lora = run_job(compose_cfg(*base, "variant=lora", "targets=no_dwconv", "analyze=false"))
-    assert lora["status"] == "completed" and not any(n.endswith("dwconv") for n in lora["adapted_layers"])
+    assert (Path(cfg.paths.results_dir) / record.run_dir / RESULT_FILE).is_file()
+    parts = Path(record.run_dir).parts  # <experiment>/<model>/<task>/<variant>/<targets>/r<rank>/seed<seed>-<key>
+    assert parts[3:6] == ("lierra", "conv_linear", f"r{cfg.rank}") and record.identity.targets == "conv_linear"
+    assert parts[6] == f"seed0-{record.identity.key}" and re.fullmatch(r"seed0-[0-9a-f]{8}", parts[6])
+    exact = run_job(compose_cfg(*base, "variant.exact_exp=true", "analyses=[]"))
+    assert exact.status == Status.COMPLETED and exact.params == record.params
+    assert exact.identity.hparams == record.identity.hparams | {"variant.exact_exp": True}
+    lora = run_job(compose_cfg(*base, "variant=lora", "targets=no_dwconv", "analyses=[]"))
+    assert lora.status == Status.COMPLETED and not any(n.endswith("dwconv") for n in lora.adapted_layers)
+    assert Path(lora.run_dir).parts[3:5] == ("lora", "no_dwconv")
     with pytest.raises(ValueError, match="rank is divisible by groups"):  # why the PEFT variants skip them
-        run_job(compose_cfg(*base, "variant=lora", "analyze=false"))
+        run_job(compose_cfg(*base, "variant=lora", "analyses=[]"))
 
 
 # --- model building ----------------------------------------------------------------------------------------------
@@ -258,17 +266,18 @@ def test_coco_evaluation_scores_the_ground_truth_as_perfect(coco_dir, scale):
 @pytest.mark.slow
 def test_liera_coco_smoke_through_the_runner(compose_cfg, coco_dir):
     base = ["experiment=liera_coco_smoke", f"task.data_dir={coco_dir}", *SMOKE]
-    record = run_job(compose_cfg(*base, "task.n_val=2", "train.eval_every=2"))
-    assert record["status"] == "completed" and record["data"]["sizes"] == {"train": 5, "val": 2, "test": 4}
-    metrics = record["metrics"]
+    cfg = compose_cfg(*base, "task.n_val=2", "train.eval_every=2")
+    record = run_job(cfg)
+    assert record.status == Status.COMPLETED and record.data["sizes"] == {"train": 5, "val": 2, "test": 4}
+    metrics = record.metrics
     for split in ("val", "test"):
         assert all(0 <= metrics[f"{split}/{kind}_{s}"] <= 1 for kind in ("box", "mask") for s in ("ap", "ap50"))
-    assert [step for step, _ in record["curves"]["val/mask_ap"]] == [2, 4]
-    assert record["adapted_layers"] and all(".pixel_level_module.encoder." in n for n in record["adapted_layers"])
-    result = json.loads(Path(record["run_dir"], "result.json").read_text())
-    assert result["config"]["model"]["arch"] == "mask2former" and result["params"] == record["params"]
-    lora = run_job(compose_cfg(*base, "variant=lora", "targets=no_dwconv", "analyze=false"))
-    assert lora["status"] == "completed" and lora["params"]["trainable"] < record["params"]["trainable"]
+    assert [step for step, _ in record.curves["val/mask_ap"]] == [2, 4]
+    assert record.adapted_layers and all(".pixel_level_module.encoder." in n for n in record.adapted_layers)
+    result = json.loads((Path(cfg.paths.results_dir) / record.run_dir / RESULT_FILE).read_text())
+    assert result["config"]["model"]["arch"] == "mask2former" and result["params"] == record.params
+    lora = run_job(compose_cfg(*base, "variant=lora", "targets=no_dwconv", "analyses=[]"))
+    assert lora.status == Status.COMPLETED and lora.params["trainable"] < record.params["trainable"]
 
 
 def test_coco_resize_rule():

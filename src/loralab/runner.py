@@ -180,8 +180,10 @@ def analyse(job: Job) -> None:
                     job.tracker.log_table(f"analysis/{analysis.name}", rows)
                     if job.tracker.location:  # a real W&B run: the analysis's figure as an image
                         path = job.out / f"{analysis.name}.png"
+                        path.parent.mkdir(parents=True, exist_ok=True)  # the run directory may not exist yet
                         if analysis.figure(rows, path, f"{analysis.name}: {record.run_dir}"):
-                            job.tracker.log_image(f"analysis/{analysis.name}", str(path))
+                            # its own key: under the table's key the image would replace the table in W&B
+                            job.tracker.log_image(f"analysis/{analysis.name}_figure", str(path))
             if tensors:
                 with atomic_path(job.out / BASES_FILE, suffix=".safetensors") as tmp:
                     save_file(tensors, str(tmp))

@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from loralab import fixtures
 from loralab.config import register_configs
+from loralab.record import RunRecord
 from loralab.runner import run_job
 from loralab.tasks import smoke_data
 
@@ -126,8 +127,9 @@ def smoke_jobs(preset: str, root: Path, extra: list[str] = ()) -> list[list[str]
     ]
 
 
-def run_smoke(preset: str, root: Path, extra: list[str] = ()) -> list[dict]:
-    """Run every smoke job of `preset` under `root`; returns their result records (raises on a failed job)."""
+def run_smoke(preset: str, root: Path, extra: list[str] = ()) -> list[RunRecord]:
+    """Run every smoke job of `preset` under `root`; returns their result records (raises on a failed job). Their
+    `run_dir`s are relative to the results root, `root / "results"`."""
     records = []
     for overrides in smoke_jobs(preset, root, extra):
         cfg = compose_job(preset, overrides)
@@ -144,7 +146,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     root = args.out or Path(tempfile.mkdtemp(prefix=f"loralab-smoke-{args.preset}-"))
     for record in run_smoke(args.preset, root, args.overrides):
-        print(f"[smoke] {args.preset}: {record.status.value} -> {record.run_dir}")
+        print(f"[smoke] {args.preset}: {record.status.value} -> {root / 'results' / record.run_dir}")
 
 
 if __name__ == "__main__":
