@@ -21,7 +21,7 @@
 #    21.5 at r=4) and weakly at a high one (1.9 at r=64).
 # 4. **ΔW's spectrum** — LoRA's update has rank ≤ r by construction (beside the other variants of the runs).
 #
-# Tables come from the same code as `make figures` (the sections of `loralab.figures`), so they match
+# Tables come from the same code as `make figures` (`loralab.figures.sections`), so they match
 # `figures/<experiment>/*.md`; the plots are drawn here with `loralab.figures.plots` (change a rank or a layer
 # below to look at another); the verdicts at the end come from `loralab.claims`.
 #
@@ -37,8 +37,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from loralab import claims, figures
-from loralab.figures import data, plots
+from loralab import claims
+from loralab.figures import data, plots, sections
 
 pd.set_option("display.max_colwidth", None)
 RESULTS = Path(os.environ.get("LORALAB_RESULTS", "../results"))
@@ -48,12 +48,12 @@ runs = data.runs_frame(RESULTS, EXPERIMENT)
 setups = {"/".join(key): part.reset_index(drop=True) for key, part in runs.groupby(data.SETUP)} if len(runs) else {}
 print(f"{len(runs)} completed runs under {RESULTS}" + (f", experiment {EXPERIMENT}" if EXPERIMENT else ""))
 for name, frame in setups.items():
-    print(f"- {name}: {figures.describe(frame)}")
+    print(f"- {name}: {sections.describe(frame)}")
 
 
 class Tables:
-    """Stands in for the figure set's Writer: keeps the tables a `loralab.figures` section builds, so this notebook
-    shows what `make figures` writes. (The section's own plots are closed; they are drawn below with `plots`.)"""
+    """Stands in for the figure set's Writer: keeps the tables a function of `loralab.figures.sections` builds, so
+    this notebook shows what `make figures` writes (the section's own plots are closed; they are drawn below)."""
 
     def __init__(self, section, *args):
         self.found = {}
@@ -92,7 +92,7 @@ for name, frame in setups.items():
     if metric is None:
         print("no test metric in these runs")
         continue
-    Tables(figures.rank_section, frame, metric, RESULTS).show("table6_rank", "it needs LoRA runs at two or more ranks")
+    Tables(sections.rank_section, frame, metric, RESULTS).show("table6_rank", "it needs LoRA runs at two or more ranks")
 
 # %% [markdown]
 # The same as a plot, one line per adapted weight set (error bars: std over seeds), and every variant's metric vs
@@ -126,7 +126,7 @@ for name, frame in setups.items():
 # %%
 for name, frame in setups.items():
     display(Markdown(f"### {name}"))
-    Tables(figures.subspace_section, frame).show(
+    Tables(sections.subspace_section, frame).show(
         "subspace_similarity", "no φ analysis of these runs (python -m loralab.analyze)"
     )
 
@@ -153,7 +153,7 @@ for name, frame in setups.items():
 # %%
 for name, frame in setups.items():
     display(Markdown(f"### {name}"))
-    Tables(figures.amplification_section, frame, RESULTS).show(
+    Tables(sections.amplification_section, frame, RESULTS).show(
         "table7_amplification", "no LoRA runs with the amplification analysis"
     )
 
@@ -183,7 +183,7 @@ for name, frame in setups.items():
 # %%
 for name, frame in setups.items():
     display(Markdown(f"### {name}"))
-    Tables(figures.spectrum_section, frame).show("dw_spectra", "no runs with the spectrum analysis")
+    Tables(sections.spectrum_section, frame).show("dw_spectra", "no runs with the spectrum analysis")
 
 # %%
 for name, frame in setups.items():

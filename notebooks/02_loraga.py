@@ -25,7 +25,7 @@
 # 3. **Subspaces** — LoRA-GA's A at a low rank lies inside its A at a high rank (φ over the whole subspaces; its
 #    "top" direction is arbitrary, the r rows of A₀ start with equal singular values).
 #
-# Tables come from the same code as `make figures` (`loralab.figures`' sections), plots from
+# Tables come from the same code as `make figures` (`loralab.figures.sections`), plots from
 # `loralab.figures.plots`, verdicts from `loralab.claims`.
 #
 # Settings (environment variables): `LORALAB_RESULTS` — a results root or a Hydra sweep directory (default
@@ -40,8 +40,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from loralab import claims, figures
-from loralab.figures import data, plots
+from loralab import claims
+from loralab.figures import data, plots, sections
 
 pd.set_option("display.max_colwidth", None)
 RESULTS = Path(os.environ.get("LORALAB_RESULTS", "../results"))
@@ -51,12 +51,12 @@ runs = data.runs_frame(RESULTS, EXPERIMENT)
 setups = {"/".join(key): part.reset_index(drop=True) for key, part in runs.groupby(data.SETUP)} if len(runs) else {}
 print(f"{len(runs)} completed runs under {RESULTS}" + (f", experiment {EXPERIMENT}" if EXPERIMENT else ""))
 for name, frame in setups.items():
-    print(f"- {name}: {figures.describe(frame)}")
+    print(f"- {name}: {sections.describe(frame)}")
 
 
 class Tables:
-    """Stands in for the figure set's Writer: keeps the tables a `loralab.figures` section builds, so this notebook
-    shows what `make figures` writes. (The section's own plots are closed; they are drawn below with `plots`.)"""
+    """Stands in for the figure set's Writer: keeps the tables a function of `loralab.figures.sections` builds, so
+    this notebook shows what `make figures` writes (the section's own plots are closed; they are drawn below)."""
 
     def __init__(self, section, *args):
         self.found = {}
@@ -112,7 +112,7 @@ for name, frame in setups.items():
 # reports (r=8 where it was run); the paper's final accuracies are shown beside for its setup.
 
 # %%
-convergence = {name: Tables(figures.convergence_section, frame, RESULTS) for name, frame in setups.items()}
+convergence = {name: Tables(sections.convergence_section, frame, RESULTS) for name, frame in setups.items()}
 for name, tables in convergence.items():
     display(Markdown(f"### {name}"))
     tables.show("loraga_early_loss", "no LoRA-GA runs")

@@ -22,7 +22,7 @@
 #
 # Variants are compared at their best setting per rank, chosen on the validation split (the test metric is only
 # reported), so a learning-rate search (`train.lr=...` in the sweep) is part of the comparison. Tables come from the
-# same code as `make figures` (`loralab.figures`' sections), plots from `loralab.figures.plots`, verdicts from
+# same code as `make figures` (`loralab.figures.sections`), plots from `loralab.figures.plots`, verdicts from
 # `loralab.claims`.
 #
 # Settings (environment variables): `LORALAB_RESULTS` — a results root or a Hydra sweep directory (default
@@ -37,8 +37,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from loralab import claims, figures
-from loralab.figures import data, plots
+from loralab import claims
+from loralab.figures import data, plots, sections
 
 pd.set_option("display.max_colwidth", None)
 RESULTS = Path(os.environ.get("LORALAB_RESULTS", "../results"))
@@ -48,12 +48,12 @@ runs = data.runs_frame(RESULTS, EXPERIMENT)
 setups = {"/".join(key): part.reset_index(drop=True) for key, part in runs.groupby(data.SETUP)} if len(runs) else {}
 print(f"{len(runs)} completed runs under {RESULTS}" + (f", experiment {EXPERIMENT}" if EXPERIMENT else ""))
 for name, frame in setups.items():
-    print(f"- {name}: {figures.describe(frame)}")
+    print(f"- {name}: {sections.describe(frame)}")
 
 
 class Tables:
-    """Stands in for the figure set's Writer: keeps the tables a `loralab.figures` section builds, so this notebook
-    shows what `make figures` writes. (The section's own plots are closed; they are drawn below with `plots`.)"""
+    """Stands in for the figure set's Writer: keeps the tables a function of `loralab.figures.sections` builds, so
+    this notebook shows what `make figures` writes (the section's own plots are closed; they are drawn below)."""
 
     def __init__(self, section, *args):
         self.found = {}
@@ -93,7 +93,7 @@ for name, frame in setups.items():
     if metric is None:
         print("no test metric in these runs")
         continue
-    best_tables[name] = Tables(figures.variants_section, frame, metric, RESULTS)
+    best_tables[name] = Tables(sections.variants_section, frame, metric, RESULTS)
     best_tables[name].show("variants_best_lr")
 
 # %%
@@ -130,7 +130,7 @@ for name, tables in best_tables.items():
 # %%
 for name, frame in setups.items():
     display(Markdown(f"### {name}"))
-    Tables(figures.spectrum_section, frame).show("dw_spectra", "no runs with the spectrum analysis")
+    Tables(sections.spectrum_section, frame).show("dw_spectra", "no runs with the spectrum analysis")
 
 # %%
 for name, frame in setups.items():

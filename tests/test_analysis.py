@@ -1,5 +1,7 @@
-"""Closed forms and invariances of loralab.analysis (LoRA Eq. 4, Table 7, spectra, Eckart–Young). All tiny."""
+"""Closed forms and invariances of loralab.analysis (LoRA Eq. 4, Table 7, spectra, Eckart–Young), and how
+loralab.analyze pairs runs by identity. All tiny."""
 
+import json
 import math
 
 import numpy as np
@@ -293,3 +295,56 @@ def test_alignment_cosine_and_rel_error():
     table = alignment_table({"x": G, "y": -G}, {"x": G, "y": G}, k=2)
     assert list(table.columns) == ["name", "cosine", "rel_error", "eckart_young"]
     assert table.loc[1, "cosine"] == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------- cross-run pairs (loralab.analyze)
+
+
+def test_cross_run_pairs_are_formed_by_identity(compose_cfg, tmp_path, capsys):
+    """Runs pair when they share everything but rank (or seed): the same identity key. The φ JSON names both runs;
+    a run without saved bases is skipped with a message."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from loralab.analyze import analyze_runs
+    from loralab.io import write_json_atomic
+    from loralab.record import RESULT_FILE, RunRecord, Status, identity_of
+    from loralab.results import BASES_FILE, load_runs
+
+    root = tmp_path / "results"
+    Q = orthonormal(16, seed=40).float()
+
+    def add(*overrides, bases=None):
+        cfg = compose_cfg("model=tiny_bert", *overrides)
+        identity = identity_of(cfg)
+        run_dir = identity.relative_dir().as_posix()
+        artifacts = {}
+        (root / run_dir).mkdir(parents=True)
+        if bases is not None:
+            save_file({"layer.query|A_right": bases.contiguous()}, str(root / run_dir / BASES_FILE))
+            artifacts["bases"] = f"{run_dir}/{BASES_FILE}"
+        record = RunRecord(
+            identity=identity,
+            run_dir=run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            status=Status.COMPLETED,
+            artifacts=artifacts,
+        )
+        write_json_atomic(root / run_dir / RESULT_FILE, record.to_dict())
+        return record
+
+    a = add("rank=2", bases=Q[:, :2])
+    b = add("rank=4", bases=Q[:, :4])  # nested: its first two directions are a's
+    add("rank=4", "train.lr=2e-3", bases=Q[:, 4:8])  # another learning rate: another group, no partner
+    no_bases = add("rank=8")
+    frame = load_runs(root, status="completed")
+    assert len(frame) == 4 and frame.key.nunique() == 2
+
+    (path,) = analyze_runs(root, frame, rank_pairs=[(2, 4), (2, 8)], seed_pairs=[])
+    assert f"skip rank pair {a.run_dir} / {no_bases.run_dir}: no saved bases" in capsys.readouterr().out
+    assert path.parent == root / "default" / "analysis" and a.identity.key in path.name
+    result = json.loads(path.read_text())
+    assert (result["kind"], result["key"], result["targets"]) == ("rank", a.identity.key, "qv")
+    assert (result["a"]["run_dir"], result["b"]["run_dir"]) == (a.run_dir, b.run_dir)
+    assert (result["a"]["rank"], result["b"]["rank"]) == (2, 4)
+    np.testing.assert_allclose(result["layers"]["layer.query"]["A_right"]["phi"], np.ones((2, 4)), atol=1e-4)

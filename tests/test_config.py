@@ -6,7 +6,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF
-from loralab.config import CHOICES, ConfigError, LoggerConfig, ModelConfig, TaskConfig, VariantConfig, validate
+from loralab.config import (
+    CHOICES,
+    DEFAULT_ANALYSES,
+    ConfigError,
+    LoggerConfig,
+    ModelConfig,
+    TaskConfig,
+    VariantConfig,
+    validate,
+)
 from loralab.variants import ALIASES, VARIANTS
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -137,3 +146,23 @@ def test_non_positive_rank(compose_cfg, rank):
 def test_model_task_modality_mismatch(compose_cfg):
     with pytest.raises(ConfigError, match="needs a image model, but model 'minilm' is a text model"):
         validate(compose_cfg("task=digits_transfer"))
+
+
+def test_analyses_are_a_list_of_known_names(compose_cfg):
+    from loralab.analysis.per_run import ANALYSES
+
+    assert compose_cfg().analyses == list(DEFAULT_ANALYSES) and set(DEFAULT_ANALYSES) <= set(ANALYSES)
+    validate(compose_cfg("analyses=[]"))
+    validate(compose_cfg("analyses=[first_step,spectrum]"))
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("analyses=[spectrum,bogus]"))
+    assert "analyses=['spectrum', 'bogus']" in str(err.value) and all(a in str(err.value) for a in ANALYSES)
+    with pytest.raises(ConfigError, match="each at most once"):
+        validate(compose_cfg("analyses=[spectrum,spectrum]"))
+
+
+def test_the_old_analyze_switch_is_gone(compose_cfg):
+    """`analyze=false` became `analyses=[]`; the old key fails at composition instead of being ignored."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg("analyze=false")
+    assert "analyze" in str(err.value.__cause__ or err.value)

@@ -113,7 +113,7 @@ def build(job: Job) -> None:
         group=job.group or cfg.experiment_name,
         name=override_name(record.overrides),
         tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
-        config=record.config,
+        config=record.config | {"identity": identity.columns()},  # group / filter dashboards by identity
         main_process=job.main,
     )
     record.wandb_dir = job.tracker.location

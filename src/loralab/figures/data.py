@@ -135,18 +135,20 @@ def per_run_means(frame: pd.DataFrame, analysis: str, columns: list[str]) -> pd.
     return rows.groupby(keys)[columns].mean().reset_index()
 
 
-def layer_of(name: str) -> int | None:
-    digits = [int(p) for p in name.split(".") if p.isdigit()]
-    return digits[0] if digits else None
+def layer_of(name: str) -> str | None:
+    """The block a matrix belongs to: every index in its name ("3" in encoder.layer.3.attention.self.query,
+    "1.0" in encoder.stages.1.layers.0.pwconv1 — a stage alone would merge its blocks)."""
+    digits = [p for p in name.split(".") if p.isdigit()]
+    return ".".join(digits) if digits else None
 
 
 def matrix_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def paper_layer(names) -> int | None:
+def paper_layer(names) -> str | None:
     """The LoRA paper reads GPT-3's layer 48 of 96: the middle block; here the middle of this model's blocks."""
-    blocks = sorted({b for n in names if (b := layer_of(n)) is not None})
+    blocks = sorted({b for n in names if (b := layer_of(n)) is not None}, key=lambda b: tuple(map(int, b.split("."))))
     return blocks[len(blocks) // 2] if blocks else None
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-from loralab.figures.data import TARGET_SETS, display, layer_of, mean_phi, phi
+from loralab.figures.data import TARGET_SETS, display, layer_of, mean_phi, paper_layer, phi
 
 
 def rank_axis(ax, ranks):
@@ -47,8 +47,7 @@ def subspace_grids(result: dict, caption: str, basis: str = "A_right"):
     """LoRA Fig. 3/4 style: φ(i, j) of W_q and W_v at the middle layer, the mean over layers, and the random pair."""
     names = list(result["layers"])
     matrices = sorted({n.rsplit(".", 1)[-1] for n in names})[:2]
-    blocks = sorted({layer_of(n) for n in names if layer_of(n) is not None})
-    mid = blocks[len(blocks) // 2] if blocks else None
+    mid = paper_layer(names)
     fig, axes = plt.subplots(len(matrices), 3, figsize=(14, 3.6 * len(matrices)), layout="constrained", squeeze=False)
     for row, matrix in enumerate(matrices):
         layer = next((n for n in names if n.endswith("." + matrix) and layer_of(n) == mid), None)
@@ -91,7 +90,7 @@ def spectra(rows: pd.DataFrame, rank: int, title: str):
             continue
         length = min(map(len, values))
         sv = np.mean([v[:length] for v in values], axis=0)
-        ax.semilogy(np.arange(1, length + 1), sv, marker=".", label=f"{display(variant)} (n={len(values)})")
+        ax.semilogy(np.arange(1, length + 1), sv, marker=".", label=f"{display(variant)} (n={part.seed.nunique()})")
     for x, text in ((rank, "r"), (2 * rank, "2r")):
         ax.axvline(x, color="grey", ls="--", lw=0.8)
         ax.text(x, ax.get_ylim()[0], f" {text}", color="grey", va="bottom")

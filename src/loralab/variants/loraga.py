@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from loralab.config import ConfigError
+from loralab.config import ConfigError, outside_identity
 from loralab.gradients import estimate_gradients
 from loralab.io import atomic_path
 from loralab.variants.base import cpu_copy
@@ -38,7 +38,9 @@ class LoraGAVariantConfig(LoraVariantConfig):
     stable_gamma: float = 16.0
     grad_batches: int = 8  # the paper code: 8 micro-batches of 1 example (their PEFT fork: 64 of 2)
     grad_batch_size: int = 1
-    grad_cache: str | None = None  # safetensors file: loaded if it exists, else written after estimation
+    # safetensors file: loaded if it exists, else written after estimation. Where the estimate is kept, not what it
+    # is (the same batches give the same estimate), so not part of the run's identity
+    grad_cache: str | None = outside_identity(None)
 
 
 def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, rank: int, scaling: float, cfg) -> tuple:
