@@ -37,45 +37,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from loralab import claims
-from loralab.figures import data, plots, sections
+from loralab.figures import data, notebook, plots, sections
 
 pd.set_option("display.max_colwidth", None)
 RESULTS = Path(os.environ.get("LORALAB_RESULTS", "../results"))
 EXPERIMENT = os.environ.get("LORALAB_EXPERIMENT") or None
 
-runs = data.runs_frame(RESULTS, EXPERIMENT)
-setups = {"/".join(key): part.reset_index(drop=True) for key, part in runs.groupby(data.SETUP)} if len(runs) else {}
-print(f"{len(runs)} completed runs under {RESULTS}" + (f", experiment {EXPERIMENT}" if EXPERIMENT else ""))
-for name, frame in setups.items():
-    print(f"- {name}: {sections.describe(frame)}")
-
-
-class Tables:
-    """Stands in for the figure set's Writer: keeps the tables a function of `loralab.figures.sections` builds, so
-    this notebook shows what `make figures` writes (the section's own plots are closed; they are drawn below)."""
-
-    def __init__(self, section, *args):
-        self.found = {}
-        section(self, *args)
-
-    def table(self, name, title, table, note="", paper=None, paper_setup=""):
-        self.found[name] = (title, table, paper, paper_setup)
-
-    def figure(self, name, fig, caption):
-        pass
-
-    def text(self, lines):
-        pass
-
-    def show(self, name, missing="the runs it needs are missing"):
-        if name not in self.found:
-            print(f"(no {name} table: {missing})")
-            return
-        title, table, paper, paper_setup = self.found[name]
-        display(Markdown(f"**{title}**"), table)
-        if paper is not None:
-            display(Markdown(f"*Paper: {paper_setup}*"), paper)
+setups = notebook.setups(RESULTS, EXPERIMENT)
+Tables = notebook.Tables
 
 
 # %% [markdown]
@@ -207,8 +176,4 @@ for name, frame in setups.items():
 # (named) make a claim *inconclusive*.
 
 # %%
-columns = ["setup", "claim", "paper", "statement", "measured", "value", "threshold", "n", "ci_low", "ci_high"]
-verdicts = [claims.evaluate(frame).assign(setup=name) for name, frame in setups.items()]
-verdicts = pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame(columns=["paper"])
-lora_claims = verdicts[verdicts.paper.str.split().str[0] == "LoRA"]
-lora_claims[[c for c in [*columns, "verdict"] if c in lora_claims]]
+notebook.paper_claims(setups, "LoRA")
