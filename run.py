@@ -4,6 +4,7 @@ Multi-GPU: `accelerate launch --config_file conf/accelerate/ddp.yaml run.py ...`
 job may span several tasks (`hydra/launcher=slurm hydra.launcher.tasks_per_node=4`), one process per GPU."""
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -28,7 +29,7 @@ def export_submitit_ranks() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from loralab.config import ConfigError  # noqa: PLC0415  (after Hydra has parsed the command line)
     from loralab.record import RESULT_FILE  # noqa: PLC0415
     from loralab.runner import is_main_process, run_job  # noqa: PLC0415
@@ -36,15 +37,19 @@ def main(cfg: DictConfig) -> None:
     export_submitit_ranks()
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    # one W&B group per sweep; the sweep dir is resolved once by the launching process, so every job (in this
-    # process, a joblib worker or a SLURM task) names the same group
-    group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}" if multirun else cfg.experiment_name
+    # one W&B group per sweep, unique across days (the sweep dir's last two parts: date and time by default); the
+    # sweep dir is resolved once by the launching process, so every job (here, a joblib worker or a SLURM task)
+    # names the same group
+    sweep = Path(hydra_cfg.sweep.dir)
+    group = f"{cfg.experiment_name}/{sweep.parent.name}_{sweep.name}" if multirun else cfg.experiment_name
     # in a sweep a failed job is recorded (result JSON, W&B run marked failed) and the next job runs
     try:
         record = run_job(cfg, overrides=list(hydra_cfg.overrides.task), group=group, raise_errors=not multirun)
     except ConfigError as exc:  # bad input: nothing was loaded or written; a sweep lists it and goes on
-        if not multirun:
-            raise
+        if not multirun:  # one line, exit status 2 (a usage error, as argparse's); the traceback on request
+            if os.environ.get("LORALAB_TRACEBACK"):
+                raise
+            _usage_error(exc)
         print(f"[loralab] job {hydra_cfg.job.num} not run: ConfigError: {exc}")
         Path(hydra_cfg.runtime.output_dir, "config_error.txt").write_text(str(exc))
         return
@@ -52,6 +57,16 @@ def main(cfg: DictConfig) -> None:
     if is_main_process():
         result = Path(cfg.paths.results_dir, record.run_dir, RESULT_FILE)
         Path(hydra_cfg.runtime.output_dir, "result_path.txt").write_text(str(result.resolve()))
+    # the value a hyperparameter sweeper (e.g. hydra/sweeper=optuna) optimises: `objective`, e.g. val/accuracy
+    if cfg.objective:
+        value = record.metrics.get(cfg.objective)
+        return float(value) if value is not None else float("nan")
+    return None
+
+
+def _usage_error(exc: Exception):
+    print(f"loralab: error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

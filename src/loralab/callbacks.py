@@ -37,9 +37,9 @@ def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
     frame = sweep_runs(sweep_dir)
     if frame.empty:
         return frame
-    # every task's test metrics (accuracy, Matthews, pass@1, box AP, ...), not the losses; the hyperparameters
+    # every task's validation and test metrics (accuracy, Matthews, pass@1, box AP, ...), not the losses; the settings
     # that vary across the sweep's jobs
-    metrics = [c for c in frame.columns if c.startswith("test/") and not c.endswith("loss")]
+    metrics = [c for c in frame.columns if c.startswith(("val/", "test/")) and not c.endswith("loss")]
     varying = [c for c in frame.columns if "." in c and c not in metrics and frame[c].astype(str).nunique() > 1]
     columns = ["job", *COLUMNS, *varying, *metrics, *TRAILING]
     return frame[[c for c in columns if c in frame.columns]]

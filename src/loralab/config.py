@@ -160,6 +160,8 @@ class LoggerConfig:
     mode: str = "offline"  # offline | online | disabled
     dir: str = "."  # W&B writes <dir>/wandb/offline-run-*
     group: str | None = None  # default: experiment name (plus the sweep's id in a multirun)
+    system_metrics: bool = True  # CPU / GPU / memory in the dashboard's System tab
+    console: bool = True  # the job's output in the dashboard's Logs tab
 
 
 DEFAULT_ANALYSES = ("spectrum", "amplification", "subspace_bases", "first_step")
@@ -188,6 +190,8 @@ class RunConfig:
     # per-run analyses (loralab.analysis.per_run.ANALYSES), in order; [] for none. They fork the RNG, so the run
     # trains the same with or without them
     analyses: list[str] = outside_identity(factory=lambda: list(DEFAULT_ANALYSES))
+    # the metric `python run.py` returns, for hyperparameter sweepers (hydra/sweeper=optuna): e.g. val/accuracy
+    objective: str | None = outside_identity(None)
 
 
 # task kind -> (modality, whether the task adds a new, trained head to the model)
@@ -230,6 +234,18 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    from transformers.trainer_utils import SchedulerType  # noqa: PLC0415
+
+    schedulers = [s.value for s in SchedulerType]
+    if t.scheduler not in schedulers:
+        raise ConfigError(f"train.scheduler={t.scheduler!r} is not supported; choose one of {schedulers}")
+    for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
+    if t.log_every == 0:
+        raise ConfigError("train.log_every=0 must be positive")
+    if t.weight_decay < 0 or t.max_grad_norm < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay}, train.max_grad_norm={t.max_grad_norm}: must be >= 0")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError(f"train.max_steps={t.max_steps} and train.epochs={t.epochs}: one must be positive")
     if not 0 <= t.warmup_ratio < 1:

@@ -22,6 +22,7 @@ from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
 from loralab.record import RESULT_FILE, RunRecord, Status, identity_of, read_record
+from loralab.reporting import format_summary, override_name, tracker_summary, wandb_run_id
 from loralab.results import BASES_FILE, PeakMemory, provenance
 from loralab.targets import check_rank, find_targets, matches
 from loralab.tasks import check_data_path, load_task
@@ -113,10 +114,14 @@ def build(job: Job) -> None:
         group=job.group or cfg.experiment_name,
         name=override_name(record.overrides),
         tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
-        config=record.config | {"identity": identity.columns()},  # group / filter dashboards by identity
+        # group / filter dashboards by identity; provenance beside the config
+        config=record.config | {"identity": identity.columns(), "provenance": record.provenance},
+        run_id=wandb_run_id(identity),
         main_process=job.main,
     )
     record.wandb_dir = job.tracker.location
+    if job.main:  # where to look, before the minutes of work start (also in the W&B run's Logs tab)
+        print(f"[loralab] run {job.out}" + (f" | W&B {record.wandb_dir}" if record.wandb_dir else ""))
     set_seed(cfg.seed)
     job.data = load_task(cfg.task, build_tokenizer(cfg.model))
     record.data = {"fingerprint": job.data.fingerprint, "sizes": job.data.sizes}
@@ -177,13 +182,13 @@ def analyse(job: Job) -> None:
                 tensors.update(analysis.tensors())
                 if rows:
                     record.analysis[analysis.name] = rows
-                    job.tracker.log_table(f"analysis/{analysis.name}", rows)
+                    job.tracker.log_table(f"analysis/{analysis.name}", rows, step=record.steps)
                     if job.tracker.location:  # a real W&B run: the analysis's figure as an image
                         path = job.out / f"{analysis.name}.png"
                         path.parent.mkdir(parents=True, exist_ok=True)  # the run directory may not exist yet
                         if analysis.figure(rows, path, f"{analysis.name}: {record.run_dir}"):
                             # its own key: under the table's key the image would replace the table in W&B
-                            job.tracker.log_image(f"analysis/{analysis.name}_figure", str(path))
+                            job.tracker.log_image(f"analysis/{analysis.name}_figure", str(path), step=record.steps)
             if tensors:
                 with atomic_path(job.out / BASES_FILE, suffix=".safetensors") as tmp:
                     save_file(tensors, str(tmp))
@@ -225,6 +230,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     try:
         with memory:
             for stage in (build, prepare, train_stage, analyse):
+                log.info("%s: %s", record.run_dir, stage.__doc__.split(":")[0])  # Hydra's run.log, SLURM logs
                 stage(job)
         record.status = Status.COMPLETED
     except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job
@@ -241,50 +247,13 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     if main:
         write_json_atomic(out / RESULT_FILE, record.to_dict())
     if job.tracker is not None:
-        job.tracker.summary(
-            {"metrics": record.metrics, "params": record.params, "wall_time_s": record.wall_time_s}
-            | {"memory": record.memory, "status": record.status.value}
-        )
+        job.tracker.summary(tracker_summary(record, cfg))
         job.tracker.finish(failed=failure is not None)
     if main:
         print(format_summary(record, out / RESULT_FILE))
     if failure is not None and raise_errors:
         raise failure
     return record
-
-
-def override_name(overrides: list[str]) -> str:
-    """The W&B run name: the overrides as typed, without those that only say where files go or how to log."""
-    skip = ("paths.", "logger", "hydra.", "overwrite", "train.progress")
-    return ",".join(sorted(o.lstrip("+") for o in overrides if not o.lstrip("+~").startswith(skip))) or "default"
-
-
-def format_summary(record: RunRecord, path) -> str:
-    params, identity = record.params, record.identity
-    lines = [(k, getattr(identity, k)) for k in ("model", "task", "variant", "rank", "seed")]
-    lines.append(("status", record.status.value))
-    if params:
-        lines.append(
-            (
-                "parameters",
-                f"{params['trainable']:,} trainable / {params['total']:,} total ({params['trainable_percent']:.3f}%)",
-            )
-        )
-    for key, value in record.metrics.items():
-        lines.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
-    if record.error:
-        lines.append(("error", f"{record.error['type']}: {record.error['message']}"))
-    mem = record.memory
-    lines += [
-        ("wall time", f"{record.wall_time_s:.1f} s"),
-        ("peak memory", ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())),
-        ("result", str(path)),
-    ]
-    if record.wandb_dir:
-        lines.append(("wandb run", record.wandb_dir))
-    width = max(len(k) for k, _ in lines)
-    bar = "=" * 72
-    return "\n".join([bar, *(f"{k:>{width}} : {v}" for k, v in lines), bar])
 
 
 __all__ = ["NonFiniteLossError", "run_job", "check_inputs", "count_parameters"]

@@ -19,10 +19,10 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def log_table(self, key: str, rows: list[dict]) -> None:
+    def log_table(self, key: str, rows: list[dict], step: int | None = None) -> None:
         pass
 
-    def log_image(self, key: str, path: str) -> None:
+    def log_image(self, key: str, path: str, step: int | None = None) -> None:
         pass
 
     def finish(self, failed: bool = False) -> None:
@@ -34,7 +34,7 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, *, project, entity, mode, dir, group, name, tags, config):
+    def __init__(self, *, project, entity, mode, dir, group, name, tags, config, run_id, system_metrics, console):
         import wandb  # noqa: PLC0415  (heavy; only when W&B is used)
 
         Path(dir).mkdir(parents=True, exist_ok=True)
@@ -48,27 +48,39 @@ class WandbTracker(Tracker):
             tags=tags,
             job_type=config.get("variant", {}).get("name"),
             config=config,
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            # the run id is the run's identity: a resumed job continues its own W&B run
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(
+                console="wrap" if console else "off", silent=True, x_disable_stats=not system_metrics
+            ),
             reinit="create_new",
         )
+        # one step axis (the optimizer step) for every key, analysis tables included
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def log(self, metrics, step):
-        self.run.log(dict(metrics), step=step)
+        self.run.log({**metrics, "step": step}, step=step)
 
     def summary(self, values):
         self.run.summary.update(dict(values))
 
-    def log_table(self, key, rows):
+    def log_table(self, key, rows, step=None):
         import pandas as pd  # noqa: PLC0415
         import wandb  # noqa: PLC0415
 
         frame = pd.DataFrame(rows).map(lambda v: str(v) if isinstance(v, (list, dict)) else v)
-        self.run.log({key: wandb.Table(dataframe=frame)})
+        self._log_at({key: wandb.Table(dataframe=frame)}, step)
 
-    def log_image(self, key, path):
+    def log_image(self, key, path, step=None):
         import wandb  # noqa: PLC0415
 
-        self.run.log({key: wandb.Image(path)})
+        self._log_at({key: wandb.Image(path)}, step)
+
+    def _log_at(self, values, step):
+        # at the run's final step (W&B steps only grow; the analyses belong to the trained model)
+        self.run.log(values if step is None else {**values, "step": step}, step=step)
 
     def finish(self, failed=False):
         self.run.finish(exit_code=1 if failed else 0)
@@ -78,7 +90,9 @@ class WandbTracker(Tracker):
         return self.run.dir and str(Path(self.run.dir).parent)
 
 
-def make_tracker(logger_cfg, *, group: str, name: str, tags: list[str], config: dict, main_process: bool) -> Tracker:
+def make_tracker(
+    logger_cfg, *, group: str, name: str, tags: list[str], config: dict, run_id: str, main_process: bool
+) -> Tracker:
     if logger_cfg.name == "none" or logger_cfg.mode == "disabled" or not main_process:
         return Tracker()
     if logger_cfg.name != "wandb":
@@ -93,6 +107,9 @@ def make_tracker(logger_cfg, *, group: str, name: str, tags: list[str], config: 
         name=name,
         tags=tags,
         config=config,
+        run_id=run_id,
+        system_metrics=logger_cfg.system_metrics,
+        console=logger_cfg.console,
     )
 
 
@@ -140,19 +157,21 @@ def _put(target: dict, item) -> None:
 
 
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """Config, history rows, summary, name, group and tags of an offline W&B run directory."""
+    """Config, history rows, summary, name, group, tags, run id, system-metric samples (`stats`) and console lines
+    (`console`) of an offline W&B run directory."""
     import json  # noqa: PLC0415
 
     from wandb.proto import wandb_internal_pb2  # noqa: PLC0415
 
     (log_file,) = Path(run_dir).glob("*.wandb")
-    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "tags": []}
+    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "tags": [], "stats": [], "console": []}
     for payload in _payloads(log_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags))
+            run = record.run
+            out.update(name=run.display_name, group=run.run_group, tags=list(run.tags), id=run.run_id)
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
@@ -164,6 +183,10 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             for item in record.summary.update:
                 _put(out["summary"], item)
+        elif kind == "stats":
+            out["stats"].append({i.key: json.loads(i.value_json) for i in record.stats.item})
+        elif kind in ("output", "output_raw"):
+            out["console"].append(getattr(record, kind).line)
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     return out

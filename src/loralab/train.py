@@ -251,8 +251,7 @@ def train(
             # overwrites what the variant's init computed (LoRA-GA's W0 - s*B0*A0 is in the model's state)
             accelerator.load_state(str(latest[0]), strict=False)
             gen.set_state(loop.epoch_rng)
-            result.curves, result.resumed_from = loop.curves, loop.step
-            replay(tracker, loop, cfg.log_every, metric)
+            result.curves, result.resumed_from = loop.curves, loop.step  # W&B: the same run id continues it
 
     def checkpoint_due() -> bool:
         return checkpoint_dir is not None and cfg.checkpoint_every > 0 and loop.step % cfg.checkpoint_every == 0
@@ -278,7 +277,7 @@ def train(
                     raise NonFiniteLossError(loop.step + 1, losses[~torch.isfinite(losses)][0].item())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
                 optimizer.step()
                 if accelerator.sync_gradients:
                     variant.after_optimizer_step(model, loop.step)
@@ -297,7 +296,10 @@ def train(
             result.curves["train/loss"].append([step, loss_value])
             result.curves["train/lr"].append([step, lr])
             if step % cfg.log_every == 0 or step == steps:
-                tracker.log({"train/loss": loss_value, "train/lr": lr, "epoch": loop.epoch}, step)
+                logged = {"train/loss": loss_value, "train/lr": lr, "epoch": loop.epoch}
+                if cfg.max_grad_norm > 0:
+                    logged["train/grad_norm"] = grad_norm  # before clipping
+                tracker.log(logged, step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < steps and "val" in splits:
                 val = evaluate("val")
                 result.curves[metric].append([step, val[data.metric]])
@@ -319,17 +321,3 @@ def train(
         result.curves["val/loss"].append([loop.step, result.metrics.get("val/loss", float("nan"))])
     tracker.log(result.metrics, loop.step)
     return result
-
-
-def replay(tracker: Tracker, loop: LoopState, log_every: int, metric: str) -> None:
-    """Log the curves a resumed run inherits from its checkpoint, so its tracker run holds the whole history."""
-    rows: dict[int, dict[str, float]] = {}
-    for key in ("train/loss", "train/lr"):
-        for step, value in loop.curves[key]:
-            if step % log_every == 0:
-                rows.setdefault(int(step), {})[key] = value
-    for key in (metric, "val/loss"):
-        for step, value in loop.curves[key]:
-            rows.setdefault(int(step), {})[key] = value
-    for step in sorted(rows):
-        tracker.log(rows[step], step)

@@ -1,0 +1,65 @@
+"""How a job reports itself: the summary box it prints, and its W&B run's id, name and summary."""
+
+from __future__ import annotations
+
+import hashlib
+
+from loralab.record import RunRecord
+
+
+def wandb_run_id(identity) -> str:
+    """A W&B run id that is a function of the run's identity (a relaunched job continues its own run)."""
+    return hashlib.sha256(identity.relative_dir().as_posix().encode()).hexdigest()[:16]
+
+
+def tracker_summary(record: RunRecord, cfg) -> dict:
+    """The W&B summary: the record's outcome in flat keys (the metrics are there once, from the final log)."""
+    out = {
+        "status": record.status.value,
+        "steps": record.steps,
+        "train_time_s": record.train_time_s,
+        "init_time_s": record.init_time_s,
+        "wall_time_s": record.wall_time_s,
+        **{f"params/{k}": v for k, v in record.params.items()},
+        **{f"memory/{k}": v for k, v in record.memory.items()},
+    }
+    if record.steps and record.train_time_s:
+        per_step = cfg.train.batch_size * cfg.train.grad_accum * (record.processes or 1)
+        out["examples_per_s"] = round(record.steps * per_step / record.train_time_s, 2)
+    if record.error:
+        out |= {f"error/{k}": record.error.get(k) for k in ("type", "message", "step")}
+    return out
+
+
+def override_name(overrides: list[str]) -> str:
+    """The W&B run name: the overrides as typed, without those that only say where files go or how to log."""
+    skip = ("paths.", "logger", "hydra.", "overwrite", "train.progress")
+    return ",".join(sorted(o.lstrip("+") for o in overrides if not o.lstrip("+~").startswith(skip))) or "default"
+
+
+def format_summary(record: RunRecord, path) -> str:
+    params, identity = record.params, record.identity
+    lines = [(k, getattr(identity, k)) for k in ("model", "task", "variant", "rank", "seed")]
+    lines.append(("status", record.status.value))
+    if params:
+        lines.append(
+            (
+                "parameters",
+                f"{params['trainable']:,} trainable / {params['total']:,} total ({params['trainable_percent']:.3f}%)",
+            )
+        )
+    for key, value in record.metrics.items():
+        lines.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    if record.error:
+        lines.append(("error", f"{record.error['type']}: {record.error['message']}"))
+    mem = record.memory
+    lines += [
+        ("wall time", f"{record.wall_time_s:.1f} s"),
+        ("peak memory", ", ".join(f"{k} {v:,.0f}" for k, v in mem.items())),
+        ("result", str(path)),
+    ]
+    if record.wandb_dir:
+        lines.append(("wandb run", record.wandb_dir))
+    width = max(len(k) for k, _ in lines)
+    bar = "=" * 72
+    return "\n".join([bar, *(f"{k:>{width}} : {v}" for k, v in lines), bar])

@@ -1,0 +1,41 @@
+"""Hyperparameter search: `python run.py` returns its `objective`, so Hydra's Optuna sweeper can drive it."""
+
+import re
+
+import pytest
+import yaml
+
+from conftest import TINY_TEXT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_three_trial_optuna_lr_search_on_a_tiny_model(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e .[search]")
+    proc = run_cli(
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.sampler.seed=0",
+        "train.lr=tag(log, interval(1e-4, 1e-2))",
+        "objective=val/accuracy",
+        *TINY_TEXT,
+        "logger=none",
+        f"paths.results_dir={tmp_path}/results",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["name"] == "optuna" and 1e-4 <= best["best_params"]["train.lr"] <= 1e-2
+    assert 0 <= best["best_value"] <= 1  # a real validation accuracy, not NaN
+    assert "3 jobs, 0 failed" in proc.stdout
+    lrs = {
+        float(m)
+        for m in re.findall(
+            r"train\.lr=([0-9.e-]+)",
+            " ".join(p.read_text() for p in (tmp_path / "sweep").glob("*/.hydra/overrides.yaml")),
+        )
+    }
+    assert len(lrs) == 3 and len(list((tmp_path / "results").rglob("result.json"))) == 3  # three distinct runs

@@ -1,0 +1,86 @@
+"""What a researcher reads in W&B, read back from offline runs; bad input at the command line."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_TEXT, run_cli
+from loralab.config import ConfigError, validate
+from loralab.record import Status
+from loralab.reporting import wandb_run_id
+from loralab.runner import run_job
+from loralab.trackers import read_offline_run
+
+pytestmark = pytest.mark.slow
+
+
+def offline_runs(root: Path) -> list[dict]:
+    return [read_offline_run(d) for d in sorted((root / "wandb").glob("offline-run-*"))]
+
+
+def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_axis(compose_cfg, tmp_path):
+    record = run_job(compose_cfg(*TINY_TEXT, "train.log_every=2", "experiment_name=wb"))
+    (run,) = offline_runs(tmp_path)
+    assert run["id"] == wandb_run_id(record.identity)
+    assert run["stats"] and any("proc.memory.rssMB" in s for s in run["stats"])  # the System tab
+    assert any(f"[loralab] run {tmp_path}" in line for line in run["console"])  # the Logs tab
+    summary = run["summary"]
+    assert summary["status"] == "completed" and summary["steps"] == record.steps == 4
+    assert summary["params/trainable"] == record.params["trainable"] and summary["examples_per_s"] > 0
+    assert summary["train_time_s"] == record.train_time_s and summary["init_time_s"] == record.init_time_s
+    assert summary["test/accuracy"] == pytest.approx(record.metrics["test/accuracy"])
+    assert "metrics" not in summary  # the metrics once, not also as a nested copy
+    config = run["config"]
+    assert config["provenance"]["git_sha"] == record.provenance["git_sha"]
+    assert config["provenance"]["packages"]["peft"] and config["identity"]["key"] == record.identity.key
+    rows = [r for r in run["history"] if set(r) - {"_step", "_runtime", "_timestamp"}]
+    assert rows and all(r["step"] == r["_step"] for r in rows)  # one step axis for every key
+    norms = [r["train/grad_norm"] for r in rows if "train/grad_norm" in r]
+    assert len(norms) == 2 and all(n > 0 for n in norms)  # steps 2 and 4
+    tables = [r for r in rows if "analysis/spectrum" in r]
+    assert tables and all(r["step"] == record.steps for r in tables)  # the analyses at the final step
+
+
+def test_a_failed_job_has_its_error_in_the_summary(compose_cfg, tmp_path):
+    with pytest.raises(RuntimeError, match="non-finite"):
+        run_job(compose_cfg(*TINY_TEXT, "train.lr=1e30", "train.max_grad_norm=0"))
+    (run,) = offline_runs(tmp_path)
+    assert run["summary"]["status"] == "failed" and run["exit_code"] == 1
+    assert run["summary"]["error/type"] == "NonFiniteLossError" and run["summary"]["error/step"] == 2
+    assert "non-finite training loss" in run["summary"]["error/message"]
+
+
+def test_the_same_run_keeps_its_wandb_run_id(compose_cfg, tmp_path):
+    """A relaunched job (here re-run with overwrite=true; a resumed one likewise) writes into the same W&B run."""
+    first = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false"))
+    second = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "overwrite=true", "train.log_every=1"))
+    assert first.identity == second.identity
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"] == wandb_run_id(first.identity)
+    assert not runs[0]["stats"] and first.status == second.status == Status.COMPLETED
+    other = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "seed=1"))
+    assert wandb_run_id(other.identity) != runs[0]["id"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.scheduler=cosin", r"train.scheduler='cosin' is not supported; choose one of \[.*'cosine'"),
+        ("train.eval_every=-5", r"train.eval_every=-5 must be >= 0"),
+        ("train.log_every=0", r"train.log_every=0 must be positive"),
+        ("train.max_grad_norm=-1", r"train.max_grad_norm=-1.0: must be >= 0"),
+    ],
+)
+def test_bad_training_settings_fail_validation(compose_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg(*TINY_TEXT, override))
+
+
+def test_bad_input_at_the_command_line_exits_2_with_one_line_and_leaves_nothing(tmp_path):
+    proc = run_cli(
+        *TINY_TEXT, "logger=none", "train.scheduler=cosin", f"paths.results_dir={tmp_path}/results", cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("loralab: error: train.scheduler='cosin' is not supported")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
