@@ -21,6 +21,7 @@ from conftest import CONF, ROOT, TINY_TEXT, run_cli
 from loralab.gradients import estimate_gradients
 from loralab.models import build_model, build_tokenizer
 from loralab.record import RESULT_FILE, RunRecord, Status, read_record
+from loralab.reporting import wandb_run_id
 from loralab.runner import check_inputs
 from loralab.tasks import load_task
 from loralab.trackers import Tracker, read_offline_run
@@ -200,6 +201,8 @@ def test_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
     ref = only_result(tmp_path / "ref")
 
     results = tmp_path / "killed"
+    # the killed job and its relaunch log to W&B: one run (the id is the run's identity), continued after the kill
+    args = [*args[:-1], "logger=wandb", f"logger.dir={tmp_path}", "logger.system_metrics=false"]
     cmd = [sys.executable, str(ROOT / "run.py"), *args, f"paths.results_dir={results}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -217,6 +220,10 @@ def test_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     resumed = read_record(run_dir / RESULT_FILE)
     assert resumed.resumed_from_step == max(done) and resumed.run_dir == ref.run_dir
+    killed_run, relaunched_run = sorted((tmp_path / "wandb").glob("offline-run-*"))  # <time>-<run id>
+    assert killed_run.name.rsplit("-", 1)[1] == relaunched_run.name.rsplit("-", 1)[1] == wandb_run_id(ref.identity)
+    steps = [row["step"] for row in read_offline_run(relaunched_run)["history"] if "train/loss" in row]
+    assert steps and min(steps) > max(done)  # the relaunch continues the run; it does not replay it
     assert not (run_dir / "checkpoints" / ".step_99.half").exists()
     assert [p.name for p in checkpoints(run_dir / "checkpoints")] == ["step_9", "step_12"]  # keep_checkpoints=2
     # CPU, same seed: identical, not only close
@@ -257,7 +264,8 @@ def test_checkpoint_overwrites_a_different_data_dependent_init(compose_cfg, tmp_
     """Resume onto a LoRA-GA model initialised from *other* batches (other A0, B0, W0 - s*B0*A0): the checkpoint
     carries the rewritten frozen weights and the adapter, so training ends exactly where the first run did; the
     checkpoint holds the trainable state and the adapted layers' frozen weights, not the rest of the model; the
-    resumed run's tracker gets the inherited history too."""
+    resumed run logs only the steps after its checkpoint (it continues the same W&B run, whose id is the run's
+    identity), so the two logs together are the uninterrupted run's."""
     ckpt = tmp_path / "checkpoints"
     cfg, variant, targets, data, first = _loraga_setup(compose_cfg, tmp_path, batch_seed=0)
     torch.manual_seed(0)
@@ -278,7 +286,8 @@ def test_checkpoint_overwrites_a_different_data_dependent_init(compose_cfg, tmp_
     acc, relogged = make_accelerator(cfg.train), Recorder()
     resumed = train(second, variant2, data, cfg.train, 0, relogged, acc, ckpt, resume=True, checkpoint_layers=targets)
     assert resumed.resumed_from == 3 and resumed.curves == full.curves and resumed.metrics == full.metrics
-    assert relogged.rows == logged.rows and len(logged.rows) == 6
+    assert [row[0] for row in relogged.rows] == [4, 5, 6] and len(logged.rows) == 6
+    assert logged.rows[:3] + relogged.rows == logged.rows
     ours, theirs = first.state_dict(), second.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -332,7 +341,7 @@ def test_sweep_through_a_parallel_launcher_is_aggregated_in_one_wandb_group(tmp_
     rows = summary.read_text().splitlines()
     assert len(rows) == 3 and sum(",completed," in r for r in rows[1:]) == 2
     assert "2 jobs, 0 failed" in proc.stdout
-    assert wandb_groups(tmp_path) == [f"default/{sweep.name}"] * 2
+    assert wandb_groups(tmp_path) == [f"default/{sweep.parent.name}_{sweep.name}"] * 2  # unique across days
     assert sorted(read_record(p).identity.seed for p in (tmp_path / "results").rglob(RESULT_FILE)) == [0, 1]
 
 
