@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from loralab.config import register_configs
 
 register_configs()
+os.environ.setdefault("MPLBACKEND", "Agg")  # the command line draws into files (the sweep's analysis run)
 
 
 def export_submitit_ranks() -> None:
@@ -32,16 +33,19 @@ def export_submitit_ranks() -> None:
 def main(cfg: DictConfig) -> float | None:
     from loralab.config import ConfigError  # noqa: PLC0415  (after Hydra has parsed the command line)
     from loralab.record import RESULT_FILE  # noqa: PLC0415
+    from loralab.reporting import sweep_group  # noqa: PLC0415
     from loralab.runner import is_main_process, run_job  # noqa: PLC0415
 
     export_submitit_ranks()
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    # one W&B group per sweep, unique across days (the sweep dir's last two parts: date and time by default); the
-    # sweep dir is resolved once by the launching process, so every job (here, a joblib worker or a SLURM task)
-    # names the same group
-    sweep = Path(hydra_cfg.sweep.dir)
-    group = f"{cfg.experiment_name}/{sweep.parent.name}_{sweep.name}" if multirun else cfg.experiment_name
+    # one W&B group per sweep, unique across days; the sweep dir is resolved once by the launching process, so
+    # every job (here, a joblib worker or a SLURM task) names the same group
+    group = sweep_group(cfg.experiment_name, hydra_cfg.sweep.dir) if multirun else cfg.experiment_name
+    sweep_params = hydra_cfg.sweeper.get("params") or {}
+    if sweep_params and not multirun:  # a preset's sweep only runs with -m; say so instead of running one job silently
+        listed = ", ".join(f"{k}={v}" for k, v in sweep_params.items())
+        print(f"[loralab] note: this config defines a sweep ({listed}); add -m to run it. Running one job.")
     # in a sweep a failed job is recorded (result JSON, W&B run marked failed) and the next job runs
     try:
         record = run_job(cfg, overrides=list(hydra_cfg.overrides.task), group=group, raise_errors=not multirun)

@@ -83,3 +83,12 @@ def test_dataset_with_wrong_columns(compose_cfg, tmp_path):
     cfg = compose_cfg("model=tiny_bert", f"task.data_path={bad}")
     with pytest.raises(ConfigError, match=r"lacks columns \['sentiment', 'confidence', 'text'\]"):
         load_task(cfg.task, build_tokenizer(cfg.model))
+
+
+def test_unreachable_hub_names_the_dataset_and_the_local_copy_option(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from loralab.tasks.hub import load_split
+
+    with pytest.raises(ConfigError, match=r"dataset 'nyu-mll/glue' \(sst2\) could not be loaded .* task.data_dir="):
+        load_split("nyu-mll/glue", "sst2", "train")

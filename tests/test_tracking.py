@@ -84,3 +84,39 @@ def test_bad_input_at_the_command_line_exits_2_with_one_line_and_leaves_nothing(
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("loralab: error: train.scheduler='cosin' is not supported")
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+def test_sweep_report_over_seeds_its_analysis_run_and_fail_on_error(tmp_path):
+    """A sweep with two seeds and a diverging lr: the table over seeds, one W&B analysis run in the sweep's group
+    with the φ table and grid of the seed pair and the claims, and a non-zero exit under fail_on_error."""
+    proc = run_cli(
+        "-m",
+        "seed=0,1",
+        "train.lr=5e-4,1e30",
+        "train.max_grad_norm=0",
+        *TINY_TEXT,
+        "logger.system_metrics=false",
+        f"logger.dir={tmp_path}",
+        f"paths.results_dir={tmp_path}/results",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "hydra.callbacks.sweep_summary.seed_pairs=[[0,1]]",
+        "hydra.callbacks.sweep_summary.seed_pair_rank=8",
+        "hydra.callbacks.sweep_summary.fail_on_error=true",
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0 and "2 of 4 jobs failed" in proc.stderr + proc.stdout
+    assert "4 jobs, 2 failed" in proc.stdout and "over seeds (mean ± std (n))" in proc.stdout
+    assert "(n=2)" in proc.stdout.split("over seeds")[1]
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 5 and len({r["group"] for r in runs}) == 1
+    (analysis,) = [r for r in runs if r["name"] == "sweep analysis"]
+    keys = {k for row in analysis["history"] for k in row}
+    pair = [k for k in keys if k.startswith("subspace/") and k.endswith("r8s0-vs-r8s1")]
+    assert pair and f"{pair[0]}_grid" in keys and {"claims", "amplification"} <= keys
+    assert analysis["history"][0] and analysis["config"]["sweep_dir"] == str(tmp_path / "sweep")
+
+
+def test_a_preset_sweep_run_without_multirun_says_so(tmp_path):
+    proc = run_cli("experiment=cpu_repro", *TINY_TEXT, "logger=none", f"paths.results_dir={tmp_path}/r", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "defines a sweep (rank=1,2,4,8,64, targets=q,qv,qkvo); add -m to run it" in proc.stdout

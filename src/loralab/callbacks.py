@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from loralab.analyze import analyze_runs
 from loralab.record import read_record
 from loralab.results import record_row
+from loralab.sweep_report import log_sweep_analysis
 
 COLUMNS = ["model", "task", "variant", "targets", "rank", "seed", "status"]
 TRAILING = ["params/trainable", "params/total", "wall_time_s", "memory/peak_rss_mb", "error"]
@@ -42,14 +43,38 @@ def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
     metrics = [c for c in frame.columns if c.startswith(("val/", "test/")) and not c.endswith("loss")]
     varying = [c for c in frame.columns if "." in c and c not in metrics and frame[c].astype(str).nunique() > 1]
     columns = ["job", *COLUMNS, *varying, *metrics, *TRAILING]
+    frame = frame.assign(error=frame.error.map(_trim)) if "error" in frame else frame  # its last line, trimmed
     return frame[[c for c in columns if c in frame.columns]]
+
+
+def seed_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The completed jobs' metrics as mean ± std (n) over seeds, one row per setting, where some setting has several
+    seeds."""
+    from loralab.figures.data import pm  # noqa: PLC0415  (figures import this module)
+
+    done = table[table.status == "completed"] if "status" in table else table
+    keys = [c for c in COLUMNS[:5] if c in done] + [c for c in done.columns if "." in c and done[c].notna().all()]
+    if done.empty or "seed" not in done or done.groupby(keys).size().max() < 2:
+        return pd.DataFrame()
+    metrics = [c for c in done.columns if c.startswith(("val/", "test/"))]
+    grouped = done.groupby(keys)[metrics]
+    stats = grouped.agg(["mean", "std", "count"])
+    return pd.DataFrame(
+        {m: [pm(r[(m, "mean")], r[(m, "std")], int(r[(m, "count")]), 4) for _, r in stats.iterrows()] for m in metrics},
+        index=stats.index,
+    )
+
+
+def _trim(message) -> str:
+    return "" if not isinstance(message, str) else message.strip().splitlines()[-1][:100]
 
 
 class SweepSummary(Callback):
     """Prints the sweep's results table and runs the cross-run analyses on its runs (pairs configurable:
     hydra.callbacks.sweep_summary.rank_pairs=[[8,64]] seed_pairs=[[1,2]] seed_pair_rank=64)."""
 
-    def __init__(self, rank_pairs=((8, 64),), seed_pairs=((1, 2),), seed_pair_rank: int = 64):
+    def __init__(self, rank_pairs=((8, 64),), seed_pairs=((1, 2),), seed_pair_rank: int = 64, fail_on_error=False):
+        self.fail_on_error = fail_on_error  # a sweep with failed jobs exits non-zero (after its report)
         self.rank_pairs = [tuple(p) for p in rank_pairs]
         self.seed_pairs = [tuple(p) for p in seed_pairs]
         self.seed_pair_rank = seed_pair_rank
@@ -68,7 +93,14 @@ class SweepSummary(Callback):
         failed = int((table.status == "failed").sum())
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
             print(f"\n[loralab] sweep {sweep_dir}: {len(table)} jobs, {failed} failed\n{table.to_string(index=False)}")
+        over_seeds = seed_table(table)
+        if not over_seeds.empty:
+            print(f"\n[loralab] over seeds (mean ± std (n)):\n{over_seeds.to_string()}")
         runs = sweep_runs(sweep_dir)
         if "record" in runs:  # cross-run analyses (φ grids between ranks / seeds) of the runs this sweep holds
-            root = Path(config.paths.results_dir)
-            analyze_runs(root, runs[runs.status == "completed"], self.rank_pairs, self.seed_pairs, self.seed_pair_rank)
+            root, completed = Path(config.paths.results_dir), runs[runs.status == "completed"]
+            pairs = analyze_runs(root, completed, self.rank_pairs, self.seed_pairs, self.seed_pair_rank)
+            if location := log_sweep_analysis(config, sweep_dir, completed.reset_index(drop=True), pairs):
+                print(f"[loralab] sweep analysis W&B run: {location}")
+        if failed and self.fail_on_error:
+            raise SystemExit(f"[loralab] sweep {sweep_dir}: {failed} of {len(table)} jobs failed")

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from loralab.record import RunRecord
+
+
+def sweep_group(experiment: str, sweep_dir: str | Path) -> str:
+    """A sweep's W&B group, unique across days: the sweep directory's last two parts (date and time by default)."""
+    sweep_dir = Path(sweep_dir)
+    return f"{experiment}/{sweep_dir.parent.name}_{sweep_dir.name}"
 
 
 def wandb_run_id(identity) -> str:

@@ -34,7 +34,9 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, *, project, entity, mode, dir, group, name, tags, config, run_id, system_metrics, console):
+    def __init__(
+        self, *, project, entity, mode, dir, group, name, tags, config, run_id, system_metrics, console, job_type=None
+    ):
         import wandb  # noqa: PLC0415  (heavy; only when W&B is used)
 
         Path(dir).mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ class WandbTracker(Tracker):
             group=group,
             name=name,
             tags=tags,
-            job_type=config.get("variant", {}).get("name"),
+            job_type=job_type or config.get("variant", {}).get("name"),
             config=config,
             # the run id is the run's identity: a resumed job continues its own W&B run
             id=run_id,
@@ -91,7 +93,16 @@ class WandbTracker(Tracker):
 
 
 def make_tracker(
-    logger_cfg, *, group: str, name: str, tags: list[str], config: dict, run_id: str, main_process: bool
+    logger_cfg,
+    *,
+    group: str,
+    name: str,
+    tags: list[str],
+    config: dict,
+    run_id: str,
+    main_process: bool = True,
+    job_type: str | None = None,
+    system_metrics: bool | None = None,
 ) -> Tracker:
     if logger_cfg.name == "none" or logger_cfg.mode == "disabled" or not main_process:
         return Tracker()
@@ -108,8 +119,9 @@ def make_tracker(
         tags=tags,
         config=config,
         run_id=run_id,
-        system_metrics=logger_cfg.system_metrics,
+        system_metrics=logger_cfg.system_metrics if system_metrics is None else system_metrics,
         console=logger_cfg.console,
+        job_type=job_type,
     )
 
 

@@ -19,7 +19,14 @@ def load_split(dataset: str | None, subset: str | None, split: str, data_dir: st
     if data_dir is None:
         if dataset is None:
             raise ConfigError(f"no dataset id and no data_dir for split {split!r}: set task.dataset or task.data_dir")
-        return datasets.load_dataset(dataset, subset, split=split)
+        try:
+            return datasets.load_dataset(dataset, subset, split=split)
+        except (ConnectionError, OSError) as exc:  # offline, firewalled, or not cached (HF_DATASETS_OFFLINE=1)
+            raise ConfigError(
+                f"dataset {dataset!r}{f' ({subset})' if subset else ''} could not be loaded from the hub "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without hub access pass "
+                f"task.data_dir=<a local copy> (a save_to_disk directory or <split>.jsonl/.parquet/.csv files)"
+            ) from exc
     root = Path(resolve_path(data_dir))
     if (root / "dataset_dict.json").exists():
         saved = datasets.load_from_disk(str(root))
