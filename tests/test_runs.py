@@ -127,6 +127,9 @@ def test_sweep_writes_results_and_wandb_runs_then_skips(tmp_path):
     files = result_files(tmp_path / "results")
     assert len(files) == 4 and all(read_record(f).status == Status.COMPLETED for f in files)
     runs = [read_offline_run(d) for d in (tmp_path / "wandb").glob("offline-run-*")]
+    (analysis,) = [r for r in runs if r["name"] == "sweep analysis"]  # the sweep's cross-run results, in its group
+    runs = [r for r in runs if r is not analysis]
+    assert analysis["group"] == runs[0]["group"]
     assert len(runs) == 4
     assert {r["name"].split(",task.")[0] for r in runs} == {"model=tiny_bert,rank=1", "model=tiny_bert,rank=8"}
     assert {(r["config"]["variant"]["name"], r["config"]["rank"]) for r in runs} == {
@@ -146,7 +149,8 @@ def test_sweep_writes_results_and_wandb_runs_then_skips(tmp_path):
     again = run_cli(*args, "hydra.sweep.dir=" + str(tmp_path / "sweep2"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("[loralab] skip:") == 4
-    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 4  # no new W&B runs
+    names = [read_offline_run(d)["name"] for d in (tmp_path / "wandb").glob("offline-run-*")]
+    assert len(names) == 6 and names.count("sweep analysis") == 2  # no new job runs; each sweep's analysis run
 
 
 def test_failing_job_inside_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path):

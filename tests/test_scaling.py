@@ -316,7 +316,11 @@ def test_gradient_checkpointing_changes_memory_not_numbers(compose_cfg, tmp_path
 
 
 def wandb_groups(root: Path) -> list[str]:
-    return [read_offline_run(d)["group"] for d in sorted((root / "wandb").glob("offline-run-*"))]
+    """The groups of the jobs' W&B runs; the sweep's analysis run must be in the same group (checked here)."""
+    runs = [read_offline_run(d) for d in sorted((root / "wandb").glob("offline-run-*"))]
+    jobs = [r["group"] for r in runs if r["name"] != "sweep analysis"]
+    assert {r["group"] for r in runs if r["name"] == "sweep analysis"} <= set(jobs)
+    return jobs
 
 
 @pytest.mark.slow

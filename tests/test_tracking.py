@@ -120,3 +120,9 @@ def test_a_preset_sweep_run_without_multirun_says_so(tmp_path):
     proc = run_cli("experiment=cpu_repro", *TINY_TEXT, "logger=none", f"paths.results_dir={tmp_path}/r", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "defines a sweep (rank=1,2,4,8,64, targets=q,qv,qkvo); add -m to run it" in proc.stdout
+
+
+def test_the_adapter_is_uploaded_as_a_model_artifact_on_request(compose_cfg, tmp_path):
+    record = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "logger.log_model=true"))
+    (run,) = offline_runs(tmp_path)
+    assert run["artifacts"] == [{"name": f"weights-{wandb_run_id(record.identity)}", "type": "model"}]

@@ -162,6 +162,7 @@ class LoggerConfig:
     group: str | None = None  # default: experiment name (plus the sweep's id in a multirun)
     system_metrics: bool = True  # CPU / GPU / memory in the dashboard's System tab
     console: bool = True  # the job's output in the dashboard's Logs tab
+    log_model: bool = False  # upload the saved weights (the adapter) as a W&B model artifact
 
 
 DEFAULT_ANALYSES = ("spectrum", "amplification", "subspace_bases", "first_step")

@@ -16,6 +16,7 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 
 def estimate_gradients(
@@ -58,7 +59,8 @@ def estimate_gradients(
         hooks.append(weight.register_post_accumulate_grad_hook(offload(name)))
     count, share = 0, len(range(rank, n_batches, world))
     try:
-        for batch in islice(batches, rank, n_batches, world):
+        mine = islice(batches, rank, n_batches, world)
+        for batch in tqdm(mine, total=share, desc="gradient estimate", disable=None if rank == 0 else True):
             model(**batch).loss.backward()
             count += 1
     finally:

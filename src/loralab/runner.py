@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import get_int_from_env, set_seed
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from loralab.analysis.per_run import PerRunAnalysis, make_analyses
 from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
@@ -177,7 +178,7 @@ def analyse(job: Job) -> None:
         record.delta_fro_norms = {n: float(d.norm()) for n, d in deltas.items()}
         if job.analyses and job.main:
             factors, tensors = job.variant.factors(model), {}
-            for analysis in job.analyses:
+            for analysis in tqdm(job.analyses, desc="analyses", disable=None):  # a bar in a terminal
                 rows = analysis.after_training(deltas, factors)
                 tensors.update(analysis.tensors())
                 if rows:
@@ -198,6 +199,8 @@ def analyse(job: Job) -> None:
             with atomic_dir(job.out / "weights") as tmp:
                 job.variant.save(job.accelerator.unwrap_model(model), tmp)
             record.artifacts["weights"] = job.relative(job.out / "weights")
+            if job.cfg.logger.get("log_model"):
+                job.tracker.log_artifact(f"weights-{wandb_run_id(record.identity)}", str(job.out / "weights"))
 
 
 def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_errors: bool = True) -> RunRecord:

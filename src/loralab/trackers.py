@@ -25,6 +25,9 @@ class Tracker:
     def log_image(self, key: str, path: str, step: int | None = None) -> None:
         pass
 
+    def log_artifact(self, name: str, path: str, kind: str = "model") -> None:
+        pass
+
     def finish(self, failed: bool = False) -> None:
         pass
 
@@ -83,6 +86,13 @@ class WandbTracker(Tracker):
     def _log_at(self, values, step):
         # at the run's final step (W&B steps only grow; the analyses belong to the trained model)
         self.run.log(values if step is None else {**values, "step": step}, step=step)
+
+    def log_artifact(self, name, path, kind="model"):
+        import wandb  # noqa: PLC0415
+
+        artifact = wandb.Artifact(name, type=kind)
+        artifact.add_dir(path)
+        self.run.log_artifact(artifact)
 
     def finish(self, failed=False):
         self.run.finish(exit_code=1 if failed else 0)
@@ -170,13 +180,21 @@ def _put(target: dict, item) -> None:
 
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     """Config, history rows, summary, name, group, tags, run id, system-metric samples (`stats`) and console lines
-    (`console`) of an offline W&B run directory."""
+    (`console`) and logged artifacts of an offline W&B run directory."""
     import json  # noqa: PLC0415
 
     from wandb.proto import wandb_internal_pb2  # noqa: PLC0415
 
     (log_file,) = Path(run_dir).glob("*.wandb")
-    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "tags": [], "stats": [], "console": []}
+    out: dict[str, Any] = {
+        "config": {},
+        "history": [],
+        "summary": {},
+        "tags": [],
+        "stats": [],
+        "console": [],
+        "artifacts": [],
+    }
     for payload in _payloads(log_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -197,6 +215,8 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
                 _put(out["summary"], item)
         elif kind == "stats":
             out["stats"].append({i.key: json.loads(i.value_json) for i in record.stats.item})
+        elif kind == "artifact":
+            out["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type})
         elif kind in ("output", "output_raw"):
             out["console"].append(getattr(record, kind).line)
         elif kind == "exit":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from loralab.config import ConfigError, outside_identity
 from loralab.gradients import estimate_gradients
@@ -102,7 +103,8 @@ class LoraGA(Lora):
         model = super().prepare(model, targets, head_modules, ctx)  # B = 0 here: no initial product is stored
         self.factors_init = {}
         with torch.no_grad():
-            for name, layer in lora_layers(model).items():
+            # a bar in a terminal (tqdm turns itself off elsewhere): the SVDs take minutes at 7B
+            for name, layer in tqdm(lora_layers(model).items(), desc="LoRA-GA init (SVD)", disable=None):
                 weight, s = layer.get_base_layer().weight, layer.scaling["default"]
                 A0, B0 = loraga_factors(grads.pop(name).to(weight.device), weight, self.rank, s, self.cfg)
                 # fp32 as the official code (fp64 models stay fp64)
