@@ -125,4 +125,8 @@ def test_a_preset_sweep_run_without_multirun_says_so(tmp_path):
 def test_the_adapter_is_uploaded_as_a_model_artifact_on_request(compose_cfg, tmp_path):
     record = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "logger.log_model=true"))
     (run,) = offline_runs(tmp_path)
-    assert run["artifacts"] == [{"name": f"weights-{wandb_run_id(record.identity)}", "type": "model"}]
+    models = [a for a in run["artifacts"] if a["type"] == "model"]  # (analysis tables are run_table artifacts)
+    assert models == [{"name": f"weights-{wandb_run_id(record.identity)}", "type": "model"}]
+    quiet = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "seed=1"))
+    assert quiet.status == Status.COMPLETED
+    assert not [a for r in offline_runs(tmp_path) for a in r["artifacts"] if a["type"] == "model"][1:]  # off by default
