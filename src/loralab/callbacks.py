@@ -34,8 +34,8 @@ def sweep_runs(sweep_dir: str | Path) -> pd.DataFrame:
     return frame.sort_values("job").reset_index(drop=True) if not frame.empty else frame
 
 
-def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
-    frame = sweep_runs(sweep_dir)
+def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The printed table of a sweep's jobs (`sweep_runs` rows)."""
     if frame.empty:
         return frame
     # every task's validation and test metrics (accuracy, Matthews, pass@1, box AP, ...), not the losses; the settings
@@ -85,7 +85,8 @@ class SweepSummary(Callback):
         if not is_main_process():  # a sweep run under torchrun / accelerate launch: rank 0 reports
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        table = sweep_table(sweep_dir)
+        runs = sweep_runs(sweep_dir)  # read once: the table, the analyses and the W&B report share it
+        table = sweep_table(runs)
         if table.empty:
             print(f"[loralab] sweep {sweep_dir}: no results")
             return
@@ -96,7 +97,6 @@ class SweepSummary(Callback):
         over_seeds = seed_table(table)
         if not over_seeds.empty:
             print(f"\n[loralab] over seeds (mean ± std (n)):\n{over_seeds.to_string()}")
-        runs = sweep_runs(sweep_dir)
         if "record" in runs:  # cross-run analyses (φ grids between ranks / seeds) of the runs this sweep holds
             root, completed = Path(config.paths.results_dir), runs[runs.status == "completed"]
             pairs = analyze_runs(root, completed, self.rank_pairs, self.seed_pairs, self.seed_pair_rank)

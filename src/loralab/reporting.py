@@ -14,9 +14,14 @@ def sweep_group(experiment: str, sweep_dir: str | Path) -> str:
     return f"{experiment}/{sweep_dir.parent.name}_{sweep_dir.name}"
 
 
+def wandb_id(text: str) -> str:
+    """A W&B run id that is a function of `text`: the same job (or sweep) always writes into the same run."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def wandb_run_id(identity) -> str:
-    """A W&B run id that is a function of the run's identity (a relaunched job continues its own run)."""
-    return hashlib.sha256(identity.relative_dir().as_posix().encode()).hexdigest()[:16]
+    """A job's W&B run id, from the run's identity (a relaunched job continues its own run)."""
+    return wandb_id(identity.relative_dir().as_posix())
 
 
 def tracker_summary(record: RunRecord, cfg) -> dict:

@@ -233,7 +233,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     try:
         with memory:
             for stage in (build, prepare, train_stage, analyse):
-                log.info("%s: %s", record.run_dir, stage.__doc__.split(":")[0])  # Hydra's run.log, SLURM logs
+                log.info("%s: %s", record.run_dir, stage.__name__)  # Hydra's run.log, SLURM logs
                 stage(job)
         record.status = Status.COMPLETED
     except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from loralab.reporting import sweep_group
+from loralab.reporting import sweep_group, wandb_id
 from loralab.trackers import make_tracker
 
 
@@ -31,7 +30,7 @@ def log_sweep_analysis(config, sweep_dir: Path, runs: pd.DataFrame, subspace_fil
         name="sweep analysis",
         tags=["analysis"],
         config={"sweep_dir": str(sweep_dir), "runs": list(runs.run_dir)},
-        run_id=hashlib.sha256(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:16],
+        run_id=wandb_id(str(Path(sweep_dir).resolve())),
         job_type="analysis",
         system_metrics=False,
     )
