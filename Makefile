@@ -3,15 +3,16 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-TORCH   ?= torch==2.13.0
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test test-fast lint clean bench figures analyze
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first: a bare `torch` requirement would pull the CUDA build (GBs) on a CPU machine
-	$(BIN)/pip install -q "$(TORCH)"
+	# torch + torchvision first, a pair that matches (a bare `torch` requirement resolved later picks its own build;
+	# PyPI torchvision does not import beside the 2.13 CPU wheel, so the pair is 2.14.1 / 0.29.1). TORCH= overrides it.
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
