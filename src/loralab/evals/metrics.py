@@ -1,8 +1,9 @@
-"""GLUE's official metrics, computed locally with scikit-learn and scipy.
+"""GLUE's official metrics and plain classification metrics, through `evaluate` modules kept in the package.
 
 `evaluate.load("glue", task)` downloads its metric script from the Hugging Face Hub and therefore fails
-offline; this module computes the same numbers under the same names as that script returns them
-(`matthews_correlation`, `accuracy`, `f1`, `pearson`, `spearmanr`).
+offline; `loralab.metric_modules` holds modules with the same configurations and output names
+(`matthews_correlation`, `accuracy`, `f1`, `pearson`, `spearmanr`), loaded from their path. This module adds
+the task-name aliases, input checks and each paper's headline metric.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from loralab import metric_modules
 
 # Same task → metric-name table as HF `evaluate`'s glue metric. "mnli" is the matched dev set.
 GLUE_METRICS: dict[str, list[str]] = {
@@ -67,18 +68,8 @@ def glue_metrics(task: str, predictions: Sequence, references: Sequence) -> dict
     """
     key = _task(task)
     preds, refs = _arrays(predictions, references)
-    out: dict[str, float] = {}
-    if key == "stsb":
-        out["pearson"] = float(pearsonr(preds.astype(float), refs.astype(float))[0])
-        out["spearmanr"] = float(spearmanr(preds.astype(float), refs.astype(float))[0])
-        return out
-    if key == "cola":
-        out["matthews_correlation"] = float(matthews_corrcoef(refs, preds))
-        return out
-    out["accuracy"] = float(accuracy_score(refs, preds))
-    if "f1" in GLUE_METRICS[key]:
-        out["f1"] = float(f1_score(refs, preds, pos_label=1, average="binary"))
-    return out
+    dtype = float if key == "stsb" else int
+    return metric_modules.load("glue", key).compute(predictions=preds.astype(dtype), references=refs.astype(dtype))
 
 
 def primary_metric(task: str, convention: str = "lora") -> str:
@@ -92,7 +83,4 @@ def primary_metric(task: str, convention: str = "lora") -> str:
 def classification_metrics(predictions: Sequence, references: Sequence) -> dict[str, float]:
     """Accuracy and macro-F1 (unweighted mean of per-class F1 over every label seen in either array)."""
     preds, refs = _arrays(predictions, references)
-    return {
-        "accuracy": float(accuracy_score(refs, preds)),
-        "macro_f1": float(f1_score(refs, preds, average="macro", zero_division=0)),
-    }
+    return metric_modules.load("classification").compute(predictions=preds, references=refs)
