@@ -1,6 +1,6 @@
 """Hydra entry point: `python run.py [overrides]`, `python run.py -m variant=lora,full rank=1,4,8,64`.
 
-Multi-GPU: `accelerate launch --config_file conf/accelerate/ddp.yaml run.py ...` (or torchrun); on SLURM a sweep's
+Multi-GPU: `accelerate launch --config_file launch/accelerate_ddp.yaml run.py ...` (or torchrun); on SLURM a sweep's
 job may span several tasks (`hydra/launcher=slurm hydra.launcher.tasks_per_node=4`), one process per GPU."""
 
 import os

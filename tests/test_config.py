@@ -1,5 +1,7 @@
 """Every config group composes into the typed schema; typos and wrong types fail at composition."""
 
+import json
+
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
@@ -12,6 +14,7 @@ from loralab.config import (
     ConfigError,
     LoggerConfig,
     ModelConfig,
+    Scheduler,
     TaskConfig,
     VariantConfig,
     validate,
@@ -132,9 +135,25 @@ def test_wrong_type_fails_at_composition(compose_cfg):
 
 
 @pytest.mark.parametrize("key", sorted(CHOICES))
-def test_every_choice_field_rejects_unknown_values(compose_cfg, key):
-    with pytest.raises(ConfigError, match=f"{key}='bogus'"):
-        validate(compose_cfg(f"{key}=bogus"))
+def test_every_choice_field_rejects_unknown_values_at_composition(compose_cfg, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(f"{key}=bogus")
+    msg = str(err.value.__cause__)
+    assert "Invalid value 'bogus'" in msg and f"full_key: {key}" in msg
+    assert all(member.value in msg for member in CHOICES[key])  # the message lists what is allowed
+
+
+def test_choice_values_compare_print_and_serialise_as_strings(compose_cfg):
+    cfg = compose_cfg("train.precision=bf16", "train.scheduler=cosine")
+    precision = cfg.train.precision
+    assert precision == "bf16" and f"{precision}" == str(precision) == "bf16" and json.dumps(precision) == '"bf16"'
+    assert {"bf16": 1}[precision] == 1 and cfg.train.scheduler in ("linear", "cosine")
+
+
+def test_scheduler_choices_are_transformers_schedulers():
+    from transformers import SchedulerType
+
+    assert [s.value for s in Scheduler] == [s.value for s in SchedulerType]
 
 
 @pytest.mark.parametrize("rank", [0, -3])

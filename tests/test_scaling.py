@@ -33,8 +33,14 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
 
 
 def launch(*args: str, cwd: Path, processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file conf/accelerate/ddp.yaml --num_processes N run.py ...` (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONF / "accelerate" / "ddp.yaml")]
+    """`accelerate launch --config_file launch/accelerate_ddp.yaml --num_processes N run.py ...` (gloo on CPU)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch" / "accelerate_ddp.yaml"),
+    ]
     cmd += ["--num_processes", str(processes), str(ROOT / "run.py"), *args]
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 

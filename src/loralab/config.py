@@ -1,13 +1,15 @@
 """Typed config schemas, registered in Hydra's ConfigStore.
 
-Every group option in ``conf/`` starts from one of these schemas (``defaults: [<group>_schema]``), so a
-misspelled key or a wrong type fails when Hydra composes the config, before any model or data is touched.
+Every group option in ``conf/`` starts from one of these schemas (``defaults: [/schema/<group>@_here_]``, a
+variant from ``/schema/variant/<name>@_here_``), so a misspelled key, a wrong type or a value outside an
+enumerated setting's choices fails when Hydra composes the config, before any model or data is touched.
 Method-specific variant options live in subclasses of :class:`VariantConfig` next to the variant's code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -29,6 +31,40 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any expensive work starts."""
 
 
+class Choice(str, Enum):
+    """An enumerated setting: OmegaConf rejects any other value when Hydra composes the config, naming the allowed
+    ones. Members are named by their values (OmegaConf matches a typed string by name) and compare, hash, print and
+    serialise as that string, so `cfg.train.precision == "bf16"` and JSON records are unchanged."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+Modality = Choice("Modality", {v: v for v in ("text", "image")})
+ModelSource = Choice("ModelSource", {v: v for v in ("hf", "package", "config", "digits_0to4")})
+Dtype = Choice("Dtype", {v: v for v in ("float32", "bfloat16", "float16")})
+TaskKind = Choice(
+    "TaskKind", {v: v for v in ("text_classification", "image_classification", "text2text", "causal_lm", "detection")}
+)
+LabelScoring = Choice("LabelScoring", {v: v for v in ("first_token", "sequence")})
+# transformers.SchedulerType's values (its members are named LINEAR, ..., which OmegaConf would ask users to type);
+# tests/test_config.py checks the two lists agree
+Scheduler = Choice(
+    "Scheduler",
+    {
+        v: v
+        for v in (
+            "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+            "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+            "warmup_stable_decay", "greedy",
+        )
+    },
+)  # fmt: skip
+Precision = Choice("Precision", {v: v for v in ("no", "fp16", "bf16")})  # accelerate's mixed precision
+Device = Choice("Device", {v: v for v in ("auto", "cpu", "cuda")})
+WandbMode = Choice("WandbMode", {v: v for v in ("offline", "online", "disabled")})
+
+
 @dataclass
 class PretrainConfig:
     """Seeded pretraining of a small from-config model on a source split (cached on disk)."""
@@ -47,15 +83,15 @@ class ModelConfig:
     #   package     -> from_pretrained on a directory shipped inside a PyPI package ("pkg://<package>/<subdir>")
     #   config      -> random init from `arch` + `config` (tiny models for tests; no download)
     #   digits_0to4 -> `arch` + `config`, pretrained here on sklearn digits 0-4 (cached), see loralab.digits
-    source: str = MISSING
+    source: ModelSource = MISSING
     path: str | None = None
     # transformers model_type for source=config/digits_0to4; with source=hf/package: a new model of this type built
     # around the pretrained backbone at `path` (a detector on an ImageNet backbone, see loralab.detection)
     arch: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
     tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
-    modality: str = "text"  # text | image
-    dtype: str | None = None  # weights' dtype when loading (float32 | bfloat16 | float16); None: float32
+    modality: Modality = Modality.text
+    dtype: Dtype | None = None  # weights' dtype when loading; None: float32
     # module-name suffixes the variant adapts (PEFT matching rules); the effective set is part of the identity
     target_modules: list[str] = outside_identity()
     target_sets: dict[str, list[str]] = outside_identity(factory=dict)  # named sets, chosen by the top-level `targets`
@@ -88,7 +124,7 @@ class JudgeConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    kind: str = MISSING  # text_classification | image_classification | text2text | causal_lm | detection (CHOICES)
+    kind: TaskKind = MISSING
     loader: str | None = None  # which loader builds it (loralab.tasks.LOADERS); default: `name`
     data_path: str | None = None  # local file or "pkg://<package>/<file>"
     # Hub data (datasets.load_dataset(dataset, subset)); `data_dir` replaces the hub with a local copy: a
@@ -101,7 +137,7 @@ class TaskConfig:
     text_fields: list[str] = field(default_factory=list)  # columns holding the text (one, or a pair)
     labels: list[str] = field(default_factory=list)  # class names in the dataset's label order; one: regression
     label_words: list[str] = field(default_factory=list)  # text2text: the target word of each label
-    label_scoring: str = "first_token"  # text2text: first_token (the official LoRA-GA metric) | sequence
+    label_scoring: LabelScoring = LabelScoring.first_token  # text2text: first_token (official LoRA-GA) | sequence
     prompt: str | None = None  # text2text / causal_lm: the input template (str.format over the example)
     max_length: int = 64  # tokens, text tasks
     image_size: int = 224  # image tasks: side of the square input (VTAB), or the shorter side (COCO)
@@ -137,7 +173,7 @@ class TrainConfig:
     max_steps: int = 150  # optimizer steps; <= 0 means use `epochs`
     epochs: float = 1.0
     warmup_ratio: float = 0.06
-    scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
+    scheduler: Scheduler = Scheduler.linear  # a transformers.get_scheduler name
     max_grad_norm: float = 1.0
     eval_every: int = 50  # optimizer steps; 0 disables periodic validation
     log_every: int = outside_identity(10)
@@ -146,8 +182,8 @@ class TrainConfig:
     resume: bool = outside_identity(True)  # a relaunched job continues from its newest checkpoint
     # recompute activations in backward (HF models): less memory, one more forward, the same numbers
     gradient_checkpointing: bool = outside_identity(False)
-    precision: str = "no"  # no | fp16 | bf16 (accelerate mixed precision)
-    device: str = outside_identity("auto")  # auto | cpu | cuda
+    precision: Precision = Precision.no
+    device: Device = outside_identity(Device.auto)
     num_workers: int = outside_identity(0)
     progress: bool = outside_identity(True)
 
@@ -157,7 +193,7 @@ class LoggerConfig:
     name: str = MISSING  # wandb | none
     project: str = "loralab"
     entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     dir: str = "."  # W&B writes <dir>/wandb/offline-run-*
     group: str | None = None  # default: experiment name (plus the sweep's id in a multirun)
     system_metrics: bool = True  # CPU / GPU / memory in the dashboard's System tab
@@ -203,25 +239,22 @@ TASK_KINDS = {
     "causal_lm": ("text", False),  # instruction tuning + generation-based evaluation
     "detection": ("image", True),  # instance detection + segmentation (COCO), a new detector head
 }
-CHOICES = {
-    "task.kind": tuple(TASK_KINDS),
-    "model.modality": ("text", "image"),
-    "model.source": ("hf", "package", "config", "digits_0to4"),
-    "model.dtype": (None, "float32", "bfloat16", "float16"),
-    "task.label_scoring": ("first_token", "sequence"),
-    "train.precision": ("no", "fp16", "bf16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "logger.mode": ("offline", "online", "disabled"),
+# every enumerated field and its Enum: OmegaConf checks them when Hydra composes the config
+CHOICES: dict[str, type[Choice]] = {
+    "task.kind": TaskKind,
+    "model.modality": Modality,
+    "model.source": ModelSource,
+    "model.dtype": Dtype,
+    "task.label_scoring": LabelScoring,
+    "train.scheduler": Scheduler,
+    "train.precision": Precision,
+    "train.device": Device,
+    "logger.mode": WandbMode,
 }
 
 
 def validate(cfg: Any) -> None:
     """Cheap checks that need no model or data; each error names the bad value and what is allowed."""
-    for key, allowed in CHOICES.items():
-        group, attr = key.split(".")
-        value = getattr(getattr(cfg, group), attr)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not supported; choose one of {list(allowed)}")
     from loralab.analysis.per_run import ANALYSES  # noqa: PLC0415  (analyses import torch)
 
     unknown = [a for a in cfg.analyses if a not in ANALYSES]
@@ -235,11 +268,6 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
-    from transformers.trainer_utils import SchedulerType  # noqa: PLC0415
-
-    schedulers = [s.value for s in SchedulerType]
-    if t.scheduler not in schedulers:
-        raise ConfigError(f"train.scheduler={t.scheduler!r} is not supported; choose one of {schedulers}")
     for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
@@ -281,11 +309,12 @@ def target_modules(cfg: Any) -> list[str]:
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="task", name="task_schema", node=TaskConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    # schemas live under `schema/`, outside the option groups, so `model=<tab>` and --help list real options only
+    cs.store(group="schema", name="run", node=RunConfig)
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="task", node=TaskConfig)
+    cs.store(group="schema", name="logger", node=LoggerConfig)
     from loralab.variants import VARIANTS  # noqa: PLC0415  (variants register their own schemas)
 
     for name, cls in VARIANTS.items():
-        cs.store(group="variant", name=f"{name}_schema", node=cls.config_class)
+        cs.store(group="schema/variant", name=name, node=cls.config_class)

@@ -149,7 +149,7 @@ def identity_of(config: dict | DictConfig) -> Identity:
     from loralab.variants import get_variant  # noqa: PLC0415  (variants import torch)
 
     if isinstance(config, DictConfig):
-        config = OmegaConf.to_container(config, resolve=True)
+        config = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
     schemas = {"model": ModelConfig, "task": TaskConfig, "variant": get_variant(config["variant"]["name"]).config_class}
     everything = _differences({k: v for k, v in config.items() if k not in schemas}, RunConfig)
     for section, schema in schemas.items():

@@ -223,7 +223,7 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     record = RunRecord(
         identity=identity,
         run_dir=out.relative_to(root).as_posix(),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         provenance=provenance(),
         overrides=list(overrides),

@@ -84,7 +84,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=cfg.device == "cpu" or (cfg.device == "auto" and not has_accelerator()),
     )
     if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
-        raise ConfigError("FSDP: use fsdp_version: 2 in the accelerate config (conf/accelerate/fsdp.yaml)")
+        raise ConfigError("FSDP: use fsdp_version: 2 in the accelerate config (launch/accelerate_fsdp.yaml)")
     return accelerator
 
 
