@@ -10,11 +10,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from loralab.cli_help import options_text
 from loralab.config import register_configs
 
 register_configs()
+OmegaConf.register_new_resolver("loralab_help", options_text)  # `--help` lists groups, variants and presets
 os.environ.setdefault("MPLBACKEND", "Agg")  # the command line draws into files (the sweep's analysis run)
 
 
