@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 # Field attribute: a setting that does not change what a run computes (logging, checkpointing, where files live).
 # Such settings are left out of the run's identity (loralab.record), so changing one reuses the same run.
@@ -71,6 +72,8 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 50  # transformers' default
+    num_beams: int = 1  # beam search when > 1 (LLM-Adapters' commonsense evaluation: 4)
     num_samples: int = 1  # completions per prompt (HumanEval pass@k needs k <= num_samples)
     batch_size: int = 16  # prompts per generate call
     max_prompt_length: int = 1024  # tokens; longer prompts are cut from the left
@@ -113,6 +116,9 @@ class TaskConfig:
     split_seed: int = 0  # fixed split, independent of the run seed
     min_confidence: float = 0.0  # tweet_sentiment: drop items the annotators agreed on less
     format: str | None = None  # causal_lm: how a training row becomes (prompt, response), see tasks/instruct.py
+    train_on_inputs: bool = False  # causal_lm: loss on prompt and response (LLM-Adapters) or the response only
+    long_rows: str = "drop"  # causal_lm: rows of >= max_length tokens: drop (LoRA-GA) | truncate (LLM-Adapters)
+    val_rows: str = "after_train"  # causal_lm: after_train (file order, LoRA-GA) | random (seeded by split_seed)
     eval_sets: list[str] = field(default_factory=list)  # causal_lm: benchmarks run as the test split
     eval_data: dict[str, str] = outside_identity(factory=dict)  # benchmark -> hub id or local path (overrides)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -130,6 +136,8 @@ class VariantConfig:
 @dataclass
 class TrainConfig:
     lr: float = 5e-4
+    # a preset's learning rates per variant (or model -> variant), read by `lr: ${lookup:...}`; train.lr records it
+    lr_table: dict[str, Any] = outside_identity(factory=dict)
     weight_decay: float = 0.0
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -139,7 +147,12 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
     max_grad_norm: float = 1.0
-    eval_every: int = 50  # optimizer steps; 0 disables periodic validation
+    eval_every: int = 50  # periodic validation every N `eval_unit`s; 0 disables it
+    eval_unit: str = "steps"  # steps (optimizer steps) | epochs (at the end of every N-th pass over the data)
+    # keep the best validation checkpoint (its trainable parameters, in CPU memory) and restore it before the test
+    # evaluation: none | metric (the task's headline metric) | loss | any validation metric name (accuracy, f1, ...)
+    select_best: str = "none"
+    eval_test: bool = False  # also evaluate the test split at every periodic validation (test_best/*: the best seen)
     log_every: int = outside_identity(10)
     checkpoint_every: int = outside_identity(0)  # optimizer steps; 0: none (<run_dir>/checkpoints/step_N)
     keep_checkpoints: int = outside_identity(2)  # the newest k checkpoints stay on disk; 0 keeps all
@@ -209,14 +222,33 @@ CHOICES = {
     "model.source": ("hf", "package", "config", "digits_0to4"),
     "model.dtype": (None, "float32", "bfloat16", "float16"),
     "task.label_scoring": ("first_token", "sequence"),
+    "task.long_rows": ("drop", "truncate"),
+    "task.val_rows": ("after_train", "random"),
     "train.precision": ("no", "fp16", "bf16"),
+    "train.eval_unit": ("steps", "epochs"),
     "train.device": ("auto", "cpu", "cuda"),
     "logger.mode": ("offline", "online", "disabled"),
 }
 
 
+def resolve_or_raise(cfg: Any) -> None:
+    """Resolve every interpolation once; a resolver's ConfigError (e.g. a preset's lr table missing the variant)
+    surfaces as itself, naming the key, rather than as OmegaConf's wrapper."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise ConfigError(f"{exc.full_key}: {cause}") from exc
+
+
 def validate(cfg: Any) -> None:
     """Cheap checks that need no model or data; each error names the bad value and what is allowed."""
+    if OmegaConf.is_config(cfg):
+        resolve_or_raise(cfg)
     for key, allowed in CHOICES.items():
         group, attr = key.split(".")
         value = getattr(getattr(cfg, group), attr)
@@ -243,6 +275,10 @@ def validate(cfg: Any) -> None:
     for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
+    if t.select_best != "none" and t.eval_every == 0:
+        raise ConfigError(
+            f"train.select_best={t.select_best!r} selects among periodic validations: set train.eval_every"
+        )
     if t.log_every == 0:
         raise ConfigError("train.log_every=0 must be positive")
     if t.weight_decay < 0 or t.max_grad_norm < 0:
@@ -279,7 +315,23 @@ def target_modules(cfg: Any) -> list[str]:
     return list(cfg.model.target_sets[cfg.targets] if cfg.targets else cfg.model.target_modules)
 
 
+def lookup(table: Any, *keys: str) -> Any:
+    """`${lookup:${train.lr_table},${model.name},${variant.name}}`: a preset's per-model / per-variant value. At each
+    level the key's entry, else the level's `default` entry; neither is a ConfigError naming what the table has."""
+    for key in keys:
+        if key in table:
+            table = table[key]
+        elif "default" in table:
+            table = table["default"]
+        else:
+            raise ConfigError(f"no entry {key!r} in {sorted(table)}: add one to the preset's table or set it directly")
+    return table
+
+
 def register_configs() -> None:
+    # a preset's interpolations: α = 2r is `${mul:2,${rank}}`; per-variant learning rates are `${lookup:...}`
+    OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+    OmegaConf.register_new_resolver("lookup", lookup, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
