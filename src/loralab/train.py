@@ -268,9 +268,10 @@ def train(
 
     def validate(step: int) -> tuple[dict[str, float], dict | None]:
         """Validation (and, with eval_test, the test split) at `step`; the best checkpoint so far is kept."""
-        val = evaluate("val")
-        result.curves[metric].append([step, val[data.metric]])
-        result.curves["val/loss"].append([step, val.get("loss", float("nan"))])
+        val = evaluate("val") if "val" in splits else {}
+        if val:
+            result.curves[metric].append([step, val[data.metric]])
+            result.curves["val/loss"].append([step, val.get("loss", float("nan"))])
         test = evaluate("test") if cfg.eval_test and "test" in splits else None
         if test is not None:
             result.curves.setdefault(f"test/{data.metric}", []).append([step, test[data.metric]])
@@ -329,6 +330,7 @@ def train(
 
     by_steps = cfg.eval_every > 0 and cfg.eval_unit == "steps"
     by_epochs = cfg.eval_every > 0 and cfg.eval_unit == "epochs"
+    periodic = "val" in splits or (cfg.eval_test and "test" in splits)  # something to evaluate along the way
     bar = tqdm(total=steps, initial=loop.step, desc="train", disable=not show)
     start, window = time.perf_counter() - loop.train_time_s, []
     model.train()
@@ -373,7 +375,7 @@ def train(
                 if cfg.max_grad_norm > 0:
                     logged["train/grad_norm"] = grad_norm  # before clipping
                 tracker.log(logged, step)
-            if by_steps and step % cfg.eval_every == 0 and step < steps and "val" in splits:
+            if by_steps and step % cfg.eval_every == 0 and step < steps and periodic:
                 log_periodic(step)
             if checkpoint_due():
                 loop.train_time_s = time.perf_counter() - start
@@ -382,11 +384,11 @@ def train(
                 break
         else:  # the epoch ran out (not the step budget)
             loop.epoch, loop.batches_in_epoch = loop.epoch + 1, 0
-            if by_epochs and loop.epoch % cfg.eval_every == 0 and loop.step < steps and "val" in splits:
+            if by_epochs and loop.epoch % cfg.eval_every == 0 and loop.step < steps and periodic:
                 log_periodic(loop.step, {"epoch": loop.epoch})
     bar.close()
     result.steps, result.train_time_s = loop.step, time.perf_counter() - start
-    final, test = validate(loop.step) if "val" in splits else ({}, None)
+    final, test = validate(loop.step) if periodic else ({}, None)
     result.metrics.update({f"val/{k}": v for k, v in final.items()})
     best = loop.best if selected != "none" else {}
     if best:  # (empty when every validation value was NaN: the last step stays)

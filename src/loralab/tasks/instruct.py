@@ -71,8 +71,9 @@ FORMATS: dict[str, tuple[list[str], Callable[[dict], bool], Callable[[dict], tup
         lambda r: (commonsense.train_prompt(r["instruction"]), r["output"]),
     ),
 }
-# what joins prompt and response: LoRA-GA writes x + " " + y; LLM-Adapters' template ends where the response begins
-JOINERS = {"commonsense": "", "commonsense_alpaca": ""}
+# formats encoded as LLM-Adapters' finetune.py `tokenize` does: the template ends where the response begins (no " "
+# between them, as LoRA-GA writes), and EOS is appended as a token id only where the cut text leaves room
+LLM_ADAPTERS_FORMATS = ("commonsense", "commonsense_alpaca")
 EVAL_SETS = ("gsm8k", "humaneval", "mtbench", *commonsense.COMMONSENSE_TASKS)
 DEFAULT_EVAL_DATA = {  # benchmark -> hub id (task.eval_data.<name>=<hub id or local path> overrides)
     "gsm8k": "openai/gsm8k",
@@ -99,7 +100,7 @@ def sft_pairs(cfg: TaskConfig, tokenizer) -> tuple[list[tuple[str, str]], list[t
     columns, keep, to_pair = FORMATS[cfg.format]
     rows = load_split(cfg.dataset, cfg.subset, cfg.train_split, cfg.data_dir)
     require_columns(rows, columns, f"task {cfg.name!r} ({cfg.format})")
-    rows, joiner = rows.select_columns(columns), JOINERS.get(cfg.format, " ")
+    rows, joiner = rows.select_columns(columns), "" if cfg.format in LLM_ADAPTERS_FORMATS else " "
 
     def usable(part, wanted: int | None) -> list[tuple[str, str]]:
         pairs = []
@@ -129,10 +130,16 @@ def sft_pairs(cfg: TaskConfig, tokenizer) -> tuple[list[tuple[str, str]], list[t
     return train, val
 
 
-def encode_pair(tokenizer, x: str, y: str, max_length: int, train_on_inputs: bool = False, joiner: str = " ") -> dict:
-    """Token ids of x + joiner + y + EOS, cut at max_length (so a cut example has no EOS, as the official code);
-    labels: every token with `train_on_inputs` (LLM-Adapters' default), else the response tokens only."""
-    ids = tokenizer(f"{x}{joiner}{y}{tokenizer.eos_token}", truncation=True, max_length=max_length)["input_ids"]
+def encode_pair(tokenizer, x: str, y: str, max_length: int, train_on_inputs: bool = False, official_eos: bool = False):
+    """Token ids of the pair cut at max_length, and labels: every token with `train_on_inputs` (LLM-Adapters'
+    default), else the response tokens only. LoRA-GA: x + " " + y + EOS as text; `official_eos` (LLM-Adapters):
+    x + y, then the EOS id if the last token is not EOS and the cut left room for it."""
+    if official_eos:
+        ids = tokenizer(f"{x}{y}", truncation=True, max_length=max_length)["input_ids"]
+        if ids[-1] != tokenizer.eos_token_id and len(ids) < max_length:
+            ids = [*ids, tokenizer.eos_token_id]
+    else:
+        ids = tokenizer(f"{x} {y}{tokenizer.eos_token}", truncation=True, max_length=max_length)["input_ids"]
     if train_on_inputs:
         return {"input_ids": ids, "labels": list(ids)}
     n_prompt = len(tokenizer(x)["input_ids"])
@@ -328,8 +335,10 @@ def load_instruct(cfg: TaskConfig, tokenizer) -> TaskData:
     check_instruct(cfg)
     train_pairs, val_pairs = sft_pairs(cfg, tokenizer)
     items = benchmark_items(cfg)
-    joiner = JOINERS.get(cfg.format, " ")
-    encode = lambda pairs: [encode_pair(tokenizer, x, y, cfg.max_length, cfg.train_on_inputs, joiner) for x, y in pairs]
+    official_eos = cfg.format in LLM_ADAPTERS_FORMATS
+    encode = lambda pairs: [
+        encode_pair(tokenizer, x, y, cfg.max_length, cfg.train_on_inputs, official_eos) for x, y in pairs
+    ]
     collate = pad_collate(tokenizer.pad_token_id)
     plain = [{k: v for k, v in it.items() if k in ("set", "prompt")} for it in items]
     return TaskData(

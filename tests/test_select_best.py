@@ -1,0 +1,119 @@
+"""Best-checkpoint selection and per-epoch evaluation in the training loop (train.select_best, eval_unit, eval_test)."""
+
+import pytest
+import torch
+
+from conftest import TINY_TEXT
+from loralab.config import ConfigError
+from loralab.models import build_model, build_tokenizer
+from loralab.runner import check_inputs
+from loralab.tasks import EvalContext, load_task
+from loralab.trackers import Tracker
+from loralab.train import improves, make_accelerator, steps_per_epoch, train
+
+
+def _setup(compose_cfg, tmp_path, *overrides):
+    cfg = compose_cfg(*TINY_TEXT, "rank=4", "train.lr=5e-3", *overrides)
+    variant, targets = check_inputs(cfg)
+    data = load_task(cfg.task, build_tokenizer(cfg.model))
+    torch.manual_seed(0)
+    model = variant.prepare(build_model(cfg.model, cfg.task, str(tmp_path)), targets, list(cfg.model.head_modules))
+    return cfg, variant, data, model
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_select_best_restores_the_best_steps_adapter(compose_cfg, tmp_path):
+    """Validation at steps 2, 4 and 6 (the last) reports losses 3, 1, 2 (scripted over the real evaluation): the
+    adapter of step 4 is back in the model before the test evaluation, the frozen weights are untouched, and the
+    record holds the selected and the last validation side by side."""
+    cfg, variant, data, model = _setup(
+        compose_cfg, tmp_path, "train.max_steps=6", "train.eval_every=2", "train.select_best=loss"
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    scripted, seen, real = iter([3.0, 1.0, 2.0]), [], data.evaluate
+
+    def evaluate(net, examples, ctx):
+        metrics = real(net, examples, ctx)
+        if ctx.split == "val":
+            metrics["loss"] = next(scripted)
+            seen.append(trainable(net))
+        return metrics
+
+    data.evaluate = evaluate
+    result = train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
+    assert [step for step, _ in result.curves["val/loss"]] == [2, 4, 6]
+    now = trainable(model)
+    assert all(torch.equal(now[n], seen[1][n]) for n in now)  # step 4's adapter
+    assert any(not torch.equal(now[n], seen[2][n]) for n in now)  # not the last step's
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert result.metrics["best/step"] == 4 and result.metrics["val/loss"] == 1.0
+    assert result.metrics["final/val/loss"] == 2.0
+    data.evaluate = real
+    ctx = EvalContext(make_accelerator(cfg.train), cfg.train.eval_batch_size, "test")
+    assert result.metrics["test/accuracy"] == real(model, data.test, ctx)["accuracy"]  # the restored adapter's
+
+
+def test_select_best_by_a_higher_is_better_metric_keeps_the_final_step_when_it_wins(compose_cfg, tmp_path):
+    cfg, variant, data, model = _setup(
+        compose_cfg, tmp_path, "train.max_steps=4", "train.eval_every=2", "train.select_best=metric"
+    )
+    scripted, real = iter([0.5, 0.9]), data.evaluate
+
+    def evaluate(net, examples, ctx):
+        metrics = real(net, examples, ctx)
+        return metrics | ({"accuracy": next(scripted)} if ctx.split == "val" else {})
+
+    data.evaluate = evaluate
+    result = train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
+    assert result.metrics["best/step"] == 4 and result.metrics["val/accuracy"] == 0.9
+
+
+def test_improves_knows_which_way_each_metric_goes():
+    assert improves("loss", 1.0, 2.0) and not improves("loss", 2.0, 1.0)
+    assert improves("perplexity", 3.0, 4.0) and improves("eval_loss", 0.1, 0.2)
+    assert improves("accuracy", 0.9, 0.8) and improves("gsm8k_accuracy", 0.5, 0.4) and not improves("f1", 0.1, 0.2)
+    assert improves("accuracy", 0.1, None) and not improves("loss", float("nan"), None)
+
+
+def test_every_epoch_evaluates_val_and_test_and_records_the_best_test_epoch(compose_cfg, tmp_path):
+    """64 examples in batches of 8: 8 steps an epoch; 3 epochs validate (and test) at steps 8, 16 and 24."""
+    cfg, variant, data, model = _setup(
+        compose_cfg,
+        tmp_path,
+        "train.max_steps=0",
+        "train.epochs=3",
+        "train.eval_every=1",
+        "train.eval_unit=epochs",
+        "train.eval_test=true",
+    )
+    assert steps_per_epoch(cfg.train, len(data.train)) == 8
+    result = train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
+    assert result.steps == 24
+    assert [s for s, _ in result.curves["val/accuracy"]] == [8, 16, 24]
+    test_curve = result.curves["test/accuracy"]
+    assert [s for s, _ in test_curve] == [8, 16, 24]
+    best_step, best = max(test_curve, key=lambda point: (point[1], -point[0]))  # the first of equal values
+    assert result.metrics["test_best/accuracy"] == best and result.metrics["test_best/accuracy/step"] == best_step
+    assert result.metrics["test/accuracy"] == test_curve[-1][1]  # test/*: the last epoch
+
+
+@pytest.mark.parametrize(
+    ("n_train", "batch", "world", "accum", "expected"),
+    [(64, 8, 1, 1, 8), (65, 8, 1, 1, 8), (64, 8, 2, 1, 4), (64, 8, 1, 3, 3), (5, 8, 1, 1, 1)],
+)
+def test_steps_per_epoch_matches_the_loader(compose_cfg, n_train, batch, world, accum, expected):
+    cfg = compose_cfg(f"train.batch_size={batch}", f"train.grad_accum={accum}")
+    assert steps_per_epoch(cfg.train, n_train, world) == expected
+
+
+def test_bad_selection_settings_fail_early(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="select_best='loss' selects among periodic validations"):
+        check_inputs(compose_cfg(*TINY_TEXT, "train.select_best=loss", "train.eval_every=0"))
+    with pytest.raises(ConfigError, match=r"train.eval_unit='epoch' is not supported; choose one of \['steps'"):
+        check_inputs(compose_cfg(*TINY_TEXT, "train.eval_unit=epoch"))
+    cfg, variant, data, model = _setup(compose_cfg, tmp_path, "train.select_best=bleu")
+    with pytest.raises(ConfigError, match=r"select_best='bleu': validation reports \['accuracy'"):
+        train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
