@@ -145,6 +145,7 @@ class TrainConfig:
     max_steps: int = 150  # optimizer steps; <= 0 means use `epochs`
     epochs: float = 1.0
     warmup_ratio: float = 0.06
+    warmup_steps: int = 0  # > 0: this many warmup steps instead of warmup_ratio (HF Trainer's warmup_steps)
     scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
     max_grad_norm: float = 1.0
     eval_every: int = 50  # periodic validation every N `eval_unit`s; 0 disables it
@@ -272,7 +273,7 @@ def validate(cfg: Any) -> None:
     schedulers = [s.value for s in SchedulerType]
     if t.scheduler not in schedulers:
         raise ConfigError(f"train.scheduler={t.scheduler!r} is not supported; choose one of {schedulers}")
-    for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "warmup_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
     if t.select_best != "none" and t.eval_every == 0:

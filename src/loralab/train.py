@@ -221,6 +221,15 @@ def restore_trainable(model, saved: dict[str, torch.Tensor]) -> None:
             _local(param).copy_(saved[name])
 
 
+def fp32_master_weights(model) -> None:
+    """fp16 mixed precision trains fp32 parameters (fp16 compute under autocast): the loss scaler refuses fp16
+    gradients. Trainable fp16 parameters (an fp16 model's LieRA factors, full fine-tuning) become fp32 in place, the
+    same Parameter objects, as PEFT's autocast_adapter_dtype does for its adapters; frozen weights stay fp16."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
+
+
 def device_batches(data: TaskData, batch_size: int, seed: int, device) -> Iterator[dict]:
     """Shuffled training batches on `device`, epoch after epoch (for data-dependent initialisation)."""
     gen = torch.Generator().manual_seed(seed)
@@ -296,11 +305,12 @@ def train(
     show = cfg.progress and accelerator.is_main_process
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.precision == "fp16":
+        fp32_master_weights(model)
     optimizer = torch.optim.AdamW(variant.param_groups(model, cfg.lr, cfg.weight_decay))
     # stepped by hand once per optimizer step (accelerate would step it once per process)
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps), num_training_steps=steps
-    )
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else round(cfg.warmup_ratio * steps)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
 

@@ -1,9 +1,10 @@
-"""Best-checkpoint selection and per-epoch evaluation in the training loop (train.select_best, eval_unit, eval_test)."""
+"""Training-loop protocol options: best-checkpoint selection, per-epoch evaluation, warmup steps, fp16 masters."""
 
 import pytest
 import torch
 
 from conftest import TINY_TEXT
+from loralab import fixtures
 from loralab.config import ConfigError
 from loralab.models import build_model, build_tokenizer
 from loralab.runner import check_inputs
@@ -117,3 +118,47 @@ def test_bad_selection_settings_fail_early(compose_cfg, tmp_path):
     cfg, variant, data, model = _setup(compose_cfg, tmp_path, "train.select_best=bleu")
     with pytest.raises(ConfigError, match=r"select_best='bleu': validation reports \['accuracy'"):
         train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
+
+
+def test_fp16_training_keeps_trainable_parameters_in_fp32(compose_cfg, tmp_path):
+    """An fp16 model under fp16 mixed precision: LieRA's factors (created in the weights' dtype) train as fp32
+    master weights, the same Parameter objects the variant holds; the frozen weights stay fp16."""
+    train_dir, tests_dir = fixtures.commonsense(tmp_path)
+    cfg = compose_cfg(
+        "model=tiny_llama",  # no new head: under fp16 autocast (a GPU) a head trains in fp32 too; CPU has no autocast
+        "task=commonsense170k",
+        f"task.data_dir={train_dir}",
+        f"+task.eval_data.commonsense={tests_dir}",
+        "task.n_val=4",
+        "task.test_limit=1",
+        "task.generation.max_new_tokens=2",
+        "variant=lierra",
+        "rank=2",
+        "model.dtype=float16",
+        "train.precision=fp16",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.eval_every=0",
+        "train.progress=false",
+    )
+    variant, targets = check_inputs(cfg)
+    data = load_task(cfg.task, build_tokenizer(cfg.model))
+    torch.manual_seed(0)
+    model = variant.prepare(build_model(cfg.model, cfg.task, str(tmp_path)), targets, [])
+    factors = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert factors and all(p.dtype == torch.float16 for p in factors.values())
+    before = {n: p.detach().float().clone() for n, p in factors.items()}
+    train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
+    now = dict(model.named_parameters())
+    assert all(now[n] is p and p.dtype == torch.float32 for n, p in factors.items())
+    assert any(not torch.equal(p, before[n]) for n, p in factors.items())  # trained
+    assert all(p.dtype == torch.float16 for n, p in now.items() if not p.requires_grad and p.is_floating_point())
+
+
+def test_warmup_steps_replace_the_ratio(compose_cfg, tmp_path):
+    cfg, variant, data, model = _setup(
+        compose_cfg, tmp_path, "train.max_steps=6", "train.warmup_steps=4", "train.eval_every=0"
+    )
+    result = train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
+    lrs = [lr for _, lr in result.curves["train/lr"]]  # after each step: 4 warmup steps, linear decay to 0 at 6
+    assert lrs == pytest.approx([cfg.train.lr * f for f in (0.25, 0.5, 0.75, 1.0, 0.5, 0.0)], rel=1e-6)
