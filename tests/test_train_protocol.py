@@ -97,7 +97,7 @@ def test_every_epoch_evaluates_val_and_test_and_records_the_best_test_epoch(comp
     test_curve = result.curves["test/accuracy"]
     assert [s for s, _ in test_curve] == [8, 16, 24]
     best_step, best = max(test_curve, key=lambda point: (point[1], -point[0]))  # the first of equal values
-    assert result.metrics["test_best/accuracy"] == best and result.metrics["test_best/accuracy/step"] == best_step
+    assert result.metrics["test_best/accuracy"] == best and result.metrics["test_best/step"] == best_step
     assert result.metrics["test/accuracy"] == test_curve[-1][1]  # test/*: the last epoch
 
 

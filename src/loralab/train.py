@@ -1,6 +1,6 @@
 """The training loop: AdamW + warmup/decay schedule + gradient accumulation, through accelerate.
 
-A loop of our own (≈100 lines) rather than HF Trainer: variants need their own optimizer groups (LoRA+),
+A loop of our own rather than HF Trainer: variants need their own optimizer groups (LoRA+),
 data-dependent init before training (LoRA-GA), and the loop must stop at the exact step a loss turns
 non-finite. accelerate keeps it device-, precision- and multi-GPU-ready (`accelerate launch run.py ...`).
 
@@ -13,8 +13,9 @@ LieRA commonsense code uses): after every periodic validation the trainable para
 copied to CPU memory (only those: for an adapter a few MB; the frozen model is never copied), and restored before the
 test evaluation. The record then reports `val/*` and `test/*` of the selected step, the last step's validation as
 `final/val/*`, and `best/step`, `best/epoch`. With `train.eval_test` the test split is evaluated at every periodic
-validation as well; `test_best/*` is the best test value seen and `test_best/step` where (the LoRA paper's GLUE
-numbers are the best epoch on the dev set, which the harness reports as its test split).
+validation as well; `test_best/*` is each metric's best test value seen, `test_best/step` where the task's headline
+metric peaked (the LoRA paper's GLUE numbers are the best epoch on the dev set, which the harness reports as its
+test split).
 """
 
 from __future__ import annotations
@@ -411,7 +412,8 @@ def train(
     if "test" in splits:
         test = test if test is not None else evaluate("test")
         result.metrics.update({f"test/{k}": v for k, v in test.items()})
-    for k, (at, value) in loop.test_best.items():
-        result.metrics |= {f"test_best/{k}": value, f"test_best/{k}/step": at}
+    result.metrics |= {f"test_best/{k}": value for k, (_, value) in loop.test_best.items()}
+    if data.metric in loop.test_best:  # where the headline metric peaked
+        result.metrics["test_best/step"] = loop.test_best[data.metric][0]
     tracker.log(result.metrics, loop.step)
     return result
