@@ -102,13 +102,13 @@ def test_protocol_table_matches_the_composed_preset(preset, compose_cfg, hydra_c
         assert found, f"{preset}: row {row['setting']!r} has no `key=value` check in its loralab column"
         assert row["official"] and row["source"] and row["deviation and why"], f"{preset}: {row['setting']!r}"
         for overrides, key, value in found:
-            if key.startswith("hydra."):
-                actual = OmegaConf.select(hydra_config(preset, overrides), key)
-            else:
-                if overrides not in composed:
-                    composed[overrides] = compose_cfg(f"experiment={preset}", *overrides)
-                actual = OmegaConf.select(composed[overrides], key, throw_on_missing=True)
-            expected = parse(value)
+            if key.startswith("hydra."):  # the sweeper's parameters are strings ("0,1,2,3,4")
+                actual, expected = str(OmegaConf.select(hydra_config(preset, overrides), key)), value
+                assert actual == expected, f"{preset} {row['setting']!r}: {key} is {actual!r}, the table says {value}"
+                continue
+            if overrides not in composed:
+                composed[overrides] = compose_cfg(f"experiment={preset}", *overrides)
+            actual, expected = OmegaConf.select(composed[overrides], key, throw_on_missing=True), parse(value)
             assert same(actual, expected), f"{preset} {row['setting']!r}: {key} is {actual!r}, the table says {value}"
 
 
