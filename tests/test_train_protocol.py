@@ -162,3 +162,34 @@ def test_warmup_steps_replace_the_ratio(compose_cfg, tmp_path):
     result = train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
     lrs = [lr for _, lr in result.curves["train/lr"]]  # after each step: 4 warmup steps, linear decay to 0 at 6
     assert lrs == pytest.approx([cfg.train.lr * f for f in (0.25, 0.5, 0.75, 1.0, 0.5, 0.0)], rel=1e-6)
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_it_had(compose_cfg, tmp_path):
+    """The best adapter so far is part of the loop state a checkpoint saves: a run resumed from step 4 (best: step 2)
+    selects and restores exactly what the uninterrupted run did."""
+
+    def run(resume: bool):
+        cfg, variant, data, model = _setup(
+            compose_cfg,
+            tmp_path,
+            "train.max_steps=6",
+            "train.eval_every=2",
+            "train.select_best=loss",
+            "train.checkpoint_every=4",
+        )
+        scripted, real = iter([1.0, 3.0, 2.0] if not resume else [2.0]), data.evaluate  # resumed: only step 6 left
+
+        def evaluate(net, examples, ctx):
+            metrics = real(net, examples, ctx)
+            return metrics | ({"loss": next(scripted)} if ctx.split == "val" else {})
+
+        data.evaluate = evaluate
+        acc = make_accelerator(cfg.train)
+        result = train(model, variant, data, cfg.train, 0, Tracker(), acc, tmp_path / "ckpt", resume=resume)
+        return result, trainable(model)
+
+    full, full_params = run(resume=False)
+    assert full.metrics["best/step"] == 2
+    resumed, resumed_params = run(resume=True)
+    assert resumed.resumed_from == 4 and resumed.metrics == full.metrics
+    assert all(torch.equal(resumed_params[n], full_params[n]) for n in full_params)
