@@ -12,10 +12,10 @@ Best-checkpoint selection (`train.select_best`, as HF Trainer's `load_best_model
 LieRA commonsense code uses): after every periodic validation the trainable parameters of the best step so far are
 copied to CPU memory (only those: for an adapter a few MB; the frozen model is never copied), and restored before the
 test evaluation. The record then reports `val/*` and `test/*` of the selected step, the last step's validation as
-`final/val/*`, and `best/step`, `best/epoch`. With `train.eval_test` the test split is evaluated at every periodic
-validation as well; `test_best/*` is each metric's best test value seen, `test_best/step` where the task's headline
-metric peaked (the LoRA paper's GLUE numbers are the best epoch on the dev set, which the harness reports as its
-test split).
+`final/val/*`, and `best/step`, `best/epoch` (epochs completed by then). With `train.eval_test` the test split is
+evaluated at every periodic validation as well; `test_best/*` is each metric's best test value seen, `test_best/step`
+where the task's headline metric peaked (the LoRA paper's GLUE numbers are the best epoch on the dev set, which the
+harness reports as its test split).
 """
 
 from __future__ import annotations
