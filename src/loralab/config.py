@@ -13,7 +13,8 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 # Field attribute: a setting that does not change what a run computes (logging, checkpointing, where files live).
 # Such settings are left out of the run's identity (loralab.record), so changing one reuses the same run.
@@ -62,6 +63,9 @@ Scheduler = Choice(
 )  # fmt: skip
 Precision = Choice("Precision", {v: v for v in ("no", "fp16", "bf16")})  # accelerate's mixed precision
 Device = Choice("Device", {v: v for v in ("auto", "cpu", "cuda")})
+EvalUnit = Choice("EvalUnit", {v: v for v in ("steps", "epochs")})
+LongRows = Choice("LongRows", {v: v for v in ("drop", "truncate")})  # causal_lm rows longer than max_length
+ValRows = Choice("ValRows", {v: v for v in ("after_train", "random")})  # causal_lm validation rows
 WandbMode = Choice("WandbMode", {v: v for v in ("offline", "online", "disabled")})
 
 
@@ -107,6 +111,8 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 50  # transformers' default
+    num_beams: int = 1  # beam search when > 1 (LLM-Adapters' commonsense evaluation: 4)
     num_samples: int = 1  # completions per prompt (HumanEval pass@k needs k <= num_samples)
     batch_size: int = 16  # prompts per generate call
     max_prompt_length: int = 1024  # tokens; longer prompts are cut from the left
@@ -149,6 +155,9 @@ class TaskConfig:
     split_seed: int = 0  # fixed split, independent of the run seed
     min_confidence: float = 0.0  # tweet_sentiment: drop items the annotators agreed on less
     format: str | None = None  # causal_lm: how a training row becomes (prompt, response), see tasks/instruct.py
+    train_on_inputs: bool = False  # causal_lm: loss on prompt and response (LLM-Adapters) or the response only
+    long_rows: LongRows = LongRows.drop  # causal_lm, rows >= max_length tokens: drop (LoRA-GA) | truncate (LLM-Adapt.)
+    val_rows: ValRows = ValRows.after_train  # causal_lm: after_train (file order, LoRA-GA) | random (split_seed)
     eval_sets: list[str] = field(default_factory=list)  # causal_lm: benchmarks run as the test split
     eval_data: dict[str, str] = outside_identity(factory=dict)  # benchmark -> hub id or local path (overrides)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -166,6 +175,8 @@ class VariantConfig:
 @dataclass
 class TrainConfig:
     lr: float = 5e-4
+    # a preset's learning rates per variant (or model -> variant), read by `lr: ${lookup:...}`; train.lr records it
+    lr_table: dict[str, Any] = outside_identity(factory=dict)
     weight_decay: float = 0.0
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -173,9 +184,15 @@ class TrainConfig:
     max_steps: int = 150  # optimizer steps; <= 0 means use `epochs`
     epochs: float = 1.0
     warmup_ratio: float = 0.06
+    warmup_steps: int = 0  # > 0: this many warmup steps instead of warmup_ratio (HF Trainer's warmup_steps)
     scheduler: Scheduler = Scheduler.linear  # a transformers.get_scheduler name
     max_grad_norm: float = 1.0
-    eval_every: int = 50  # optimizer steps; 0 disables periodic validation
+    eval_every: int = 50  # periodic validation every N `eval_unit`s; 0 disables it
+    eval_unit: EvalUnit = EvalUnit.steps  # steps (optimizer steps) | epochs (after every N-th pass over the data)
+    # keep the best validation checkpoint (its trainable parameters, in CPU memory) and restore it before the test
+    # evaluation: none | metric (the task's headline metric) | loss | any validation metric name (accuracy, f1, ...)
+    select_best: str = "none"
+    eval_test: bool = False  # also evaluate the test split at every periodic validation (test_best/*: the best seen)
     log_every: int = outside_identity(10)
     checkpoint_every: int = outside_identity(0)  # optimizer steps; 0: none (<run_dir>/checkpoints/step_N)
     keep_checkpoints: int = outside_identity(2)  # the newest k checkpoints stay on disk; 0 keeps all
@@ -246,15 +263,34 @@ CHOICES: dict[str, type[Choice]] = {
     "model.source": ModelSource,
     "model.dtype": Dtype,
     "task.label_scoring": LabelScoring,
+    "task.long_rows": LongRows,
+    "task.val_rows": ValRows,
     "train.scheduler": Scheduler,
     "train.precision": Precision,
+    "train.eval_unit": EvalUnit,
     "train.device": Device,
     "logger.mode": WandbMode,
 }
 
 
+def resolve_or_raise(cfg: Any) -> None:
+    """Resolve every interpolation once; a resolver's ConfigError (e.g. a preset's lr table missing the variant)
+    surfaces as itself, naming the key, rather than as OmegaConf's wrapper."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise ConfigError(f"{exc.full_key}: {cause}") from exc
+
+
 def validate(cfg: Any) -> None:
     """Cheap checks that need no model or data; each error names the bad value and what is allowed."""
+    if OmegaConf.is_config(cfg):
+        resolve_or_raise(cfg)
     from loralab.analysis.per_run import ANALYSES  # noqa: PLC0415  (analyses import torch)
 
     unknown = [a for a in cfg.analyses if a not in ANALYSES]
@@ -268,9 +304,13 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
-    for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "warmup_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
+    if t.select_best != "none" and t.eval_every == 0:
+        raise ConfigError(
+            f"train.select_best={t.select_best!r} selects among periodic validations: set train.eval_every"
+        )
     if t.log_every == 0:
         raise ConfigError("train.log_every=0 must be positive")
     if t.weight_decay < 0 or t.max_grad_norm < 0:
@@ -307,7 +347,23 @@ def target_modules(cfg: Any) -> list[str]:
     return list(cfg.model.target_sets[cfg.targets] if cfg.targets else cfg.model.target_modules)
 
 
+def lookup(table: Any, *keys: str) -> Any:
+    """`${lookup:${train.lr_table},${model.name},${variant.name}}`: a preset's per-model / per-variant value. At each
+    level the key's entry, else the level's `default` entry; neither is a ConfigError naming what the table has."""
+    for key in keys:
+        if key in table:
+            table = table[key]
+        elif "default" in table:
+            table = table["default"]
+        else:
+            raise ConfigError(f"no entry {key!r} in {sorted(table)}: add one to the preset's table or set it directly")
+    return table
+
+
 def register_configs() -> None:
+    # a preset's interpolations: α = 2r is `${mul:2,${rank}}`; per-variant learning rates are `${lookup:...}`
+    OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+    OmegaConf.register_new_resolver("lookup", lookup, replace=True)
     cs = ConfigStore.instance()
     # schemas live under `schema/`, outside the option groups, so `model=<tab>` and --help list real options only
     cs.store(group="schema", name="run", node=RunConfig)

@@ -104,7 +104,14 @@ def build_tokenizer(cfg: ModelConfig):
         return None
     if not path:
         raise ConfigError(f"model {cfg.name!r}: a text model needs model.tokenizer or model.path")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(path))
+    except (ImportError, ValueError) as exc:  # DeBERTa-v3 ships only spm.model, which transformers reads through it
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise ConfigError(
+                f"model {cfg.name!r}: the tokenizer at {path} needs the sentencepiece package: pip install it"
+            ) from exc
+        raise
     if tokenizer.eos_token is None:  # WordPiece (the tiny test models share MiniLM's): [SEP] ends a sequence
         tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None:  # Llama ships none; batching needs one (the official LoRA-GA code does the same)

@@ -1,12 +1,21 @@
 """The training loop: AdamW + warmup/decay schedule + gradient accumulation, through accelerate.
 
-A loop of our own (≈100 lines) rather than HF Trainer: variants need their own optimizer groups (LoRA+),
+A loop of our own rather than HF Trainer: variants need their own optimizer groups (LoRA+),
 data-dependent init before training (LoRA-GA), and the loop must stop at the exact step a loss turns
 non-finite. accelerate keeps it device-, precision- and multi-GPU-ready (`accelerate launch run.py ...`).
 
 Checkpoints (`train.checkpoint_every`) are accelerate states (model, optimizer, RNG of every process) plus the scheduler
 and the loop's own position (step, epoch, batches consumed, the shuffling generator, the curves so far), so a job that
 is killed and launched again continues exactly where its newest checkpoint left it.
+
+Best-checkpoint selection (`train.select_best`, as HF Trainer's `load_best_model_at_end`, which the LLM-Adapters /
+LieRA commonsense code uses): after every periodic validation the trainable parameters of the best step so far are
+copied to CPU memory (only those: for an adapter a few MB; the frozen model is never copied), and restored before the
+test evaluation. The record then reports `val/*` and `test/*` of the selected step, the last step's validation as
+`final/val/*`, and `best/step`, `best/epoch` (epochs completed by then). With `train.eval_test` the test split is
+evaluated at every periodic validation as well; `test_best/*` is each metric's best test value seen, `test_best/step`
+where the task's headline metric peaked (the LoRA paper's GLUE numbers are the best epoch on the dev set, which the
+harness reports as its test split).
 """
 
 from __future__ import annotations
@@ -65,6 +74,9 @@ class LoopState:
     epoch_rng: torch.Tensor | None = None  # the shuffling generator's state when the current epoch began
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
     train_time_s: float = 0.0
+    # the selected checkpoint so far: step, epoch, value, val (its metrics), params (trainable parameters, CPU)
+    best: dict = field(default_factory=dict)
+    test_best: dict[str, list[float]] = field(default_factory=dict)  # test metric -> [step, best value seen]
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -171,11 +183,52 @@ def checkpoint_filter(model, frozen_layers: Sequence[str]):
     return slim
 
 
+def steps_per_epoch(cfg: TrainConfig, n_train: int, world_size: int = 1) -> int:
+    """Optimizer steps in one pass of the training loader: it drops a last partial batch (when there is more than
+    one batch), each process takes every world_size-th batch, and accelerate steps at the end of an epoch even
+    when the accumulation is incomplete."""
+    batches = n_train // cfg.batch_size if n_train > cfg.batch_size else 1
+    return max(1, math.ceil(math.ceil(batches / world_size) / cfg.grad_accum))
+
+
 def total_steps(cfg: TrainConfig, n_train: int, world_size: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = math.ceil(n_train / (cfg.batch_size * world_size)) / cfg.grad_accum
-    return max(1, math.ceil(cfg.epochs * per_epoch))
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, n_train, world_size)))
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")  # validation metrics that improve downwards; every other one upwards
+
+
+def improves(metric: str, new: float, old: float | None) -> bool:
+    if old is None or math.isnan(old):
+        return not math.isnan(new)
+    return new < old if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else new > old
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param  # FSDP2's DTensor: this process's shard
+
+
+def trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    """CPU copies of the trainable parameters only (this process's shards under FSDP): a best checkpoint."""
+    return {n: _local(p.detach()).to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_trainable(model, saved: dict[str, torch.Tensor]) -> None:
+    for name, param in model.named_parameters():
+        if name in saved:
+            _local(param).copy_(saved[name])
+
+
+def fp32_master_weights(model) -> None:
+    """fp16 mixed precision trains fp32 parameters (fp16 compute under autocast): the loss scaler refuses fp16
+    gradients. Trainable fp16 parameters (an fp16 model's LieRA factors, full fine-tuning) become fp32 in place, the
+    same Parameter objects, as PEFT's autocast_adapter_dtype does for its adapters; frozen weights stay fp16."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
 
 
 def device_batches(data: TaskData, batch_size: int, seed: int, device) -> Iterator[dict]:
@@ -215,20 +268,50 @@ def train(
         drop_last=len(data.train) > cfg.batch_size,
     )
     splits = [split for split in ("val", "test") if getattr(data, split)]  # MT-bench-style tasks have no val
+    selected = data.metric if cfg.select_best == "metric" else cfg.select_best  # the validation metric, or "none"
+    if selected != "none" and "val" not in splits:
+        raise ConfigError(f"train.select_best={cfg.select_best!r}: task has no validation split to select on")
 
     def evaluate(split: str) -> dict[str, float]:
         ctx = EvalContext(accelerator, cfg.eval_batch_size, split, show, eval_dir)
         return data.evaluate(model, getattr(data, split), ctx)
 
+    def validate(step: int) -> tuple[dict[str, float], dict | None]:
+        """Validation (and, with eval_test, the test split) at `step`; the best checkpoint so far is kept."""
+        val = evaluate("val") if "val" in splits else {}
+        if val:
+            result.curves[metric].append([step, val[data.metric]])
+            result.curves["val/loss"].append([step, val.get("loss", float("nan"))])
+        test = evaluate("test") if cfg.eval_test and "test" in splits else None
+        if test is not None:
+            result.curves.setdefault(f"test/{data.metric}", []).append([step, test[data.metric]])
+            for k, v in test.items():
+                if isinstance(v, (int, float)) and improves(k, float(v), loop.test_best.get(k, [0, None])[1]):
+                    loop.test_best[k] = [step, float(v)]
+        if selected != "none":
+            if selected not in val:
+                raise ConfigError(f"train.select_best={cfg.select_best!r}: validation reports {sorted(val)}")
+            if improves(selected, val[selected], loop.best.get("value")):
+                params = trainable_snapshot(accelerator.unwrap_model(model))
+                loop.best = {"step": step, "epoch": loop.epoch, "value": val[selected], "val": val, "test": test}
+                loop.best["params"] = params
+        return val, test
+
+    def log_periodic(step: int, extra: dict | None = None) -> None:
+        val, test = validate(step)
+        logged = {f"val/{k}": v for k, v in val.items()} | (extra or {})
+        tracker.log(logged | {f"test/{k}": v for k, v in (test or {}).items()}, step)
+
     steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     show = cfg.progress and accelerator.is_main_process
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.precision == "fp16":
+        fp32_master_weights(model)
     optimizer = torch.optim.AdamW(variant.param_groups(model, cfg.lr, cfg.weight_decay))
     # stepped by hand once per optimizer step (accelerate would step it once per process)
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps), num_training_steps=steps
-    )
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else round(cfg.warmup_ratio * steps)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -256,6 +339,9 @@ def train(
     def checkpoint_due() -> bool:
         return checkpoint_dir is not None and cfg.checkpoint_every > 0 and loop.step % cfg.checkpoint_every == 0
 
+    by_steps = cfg.eval_every > 0 and cfg.eval_unit == "steps"
+    by_epochs = cfg.eval_every > 0 and cfg.eval_unit == "epochs"
+    periodic = "val" in splits or (cfg.eval_test and "test" in splits)  # something to evaluate along the way
     bar = tqdm(total=steps, initial=loop.step, desc="train", disable=not show)
     start, window = time.perf_counter() - loop.train_time_s, []
     model.train()
@@ -300,11 +386,8 @@ def train(
                 if cfg.max_grad_norm > 0:
                     logged["train/grad_norm"] = grad_norm  # before clipping
                 tracker.log(logged, step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < steps and "val" in splits:
-                val = evaluate("val")
-                result.curves[metric].append([step, val[data.metric]])
-                result.curves["val/loss"].append([step, val.get("loss", float("nan"))])
-                tracker.log({f"val/{k}": v for k, v in val.items()}, step)
+            if by_steps and step % cfg.eval_every == 0 and step < steps and periodic:
+                log_periodic(step)
             if checkpoint_due():
                 loop.train_time_s = time.perf_counter() - start
                 save_checkpoint(accelerator, checkpoint_dir, step, cfg.keep_checkpoints)
@@ -312,12 +395,25 @@ def train(
                 break
         else:  # the epoch ran out (not the step budget)
             loop.epoch, loop.batches_in_epoch = loop.epoch + 1, 0
+            if by_epochs and loop.epoch % cfg.eval_every == 0 and loop.step < steps and periodic:
+                log_periodic(loop.step, {"epoch": loop.epoch})
     bar.close()
     result.steps, result.train_time_s = loop.step, time.perf_counter() - start
-    for split in splits:
-        result.metrics.update({f"{split}/{k}": v for k, v in evaluate(split).items()})
-    if "val" in splits:
-        result.curves[metric].append([loop.step, result.metrics[metric]])
-        result.curves["val/loss"].append([loop.step, result.metrics.get("val/loss", float("nan"))])
+    final, test = validate(loop.step) if periodic else ({}, None)
+    result.metrics.update({f"val/{k}": v for k, v in final.items()})
+    best = loop.best if selected != "none" else {}
+    if best:  # (empty when every validation value was NaN: the last step stays)
+        if best["step"] != loop.step:  # the last step is not the best: back to the selected adapter
+            restore_trainable(accelerator.unwrap_model(model), best["params"])
+        test = best["test"]  # evaluated at that step with eval_test; else None, evaluated below
+        result.metrics = {f"val/{k}": v for k, v in best["val"].items()}
+        result.metrics |= {f"final/val/{k}": v for k, v in final.items()}
+        result.metrics |= {"best/step": best["step"], "best/epoch": best["epoch"]}
+    if "test" in splits:
+        test = test if test is not None else evaluate("test")
+        result.metrics.update({f"test/{k}": v for k, v in test.items()})
+    result.metrics |= {f"test_best/{k}": value for k, (_, value) in loop.test_best.items()}
+    if data.metric in loop.test_best:  # where the headline metric peaked
+        result.metrics["test_best/step"] = loop.test_best[data.metric][0]
     tracker.log(result.metrics, loop.step)
     return result

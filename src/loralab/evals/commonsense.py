@@ -41,17 +41,23 @@ _PATTERNS = {
     "obqa": _ANSWER_1_TO_5,
 }
 
-# Alpaca's no-input template, as LLM-Adapters' finetune.py/commonsense_evaluate.py intend it.
+# Alpaca's no-input template, as LLM-Adapters' finetune.py/commonsense_evaluate.py intend it (`alpaca`).
 _TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-# What their evaluation string literally contains: the f-string is indented in the source, so every line after
-# the first starts with 16 spaces, and the first line ends with a space. Use it to match their numbers exactly.
+# What their strings literally contain (`official`, the default): the f-strings are indented in the source, so every
+# line after the first starts with 16 spaces. The two files differ: training (finetune.py `generate_prompt`) ends
+# its first line with two spaces and its blank line holds 16 spaces; evaluation (commonsense_evaluate.py
+# `generate_prompt`) has one space and an empty blank line. Both end in 16 spaces, where the response begins.
 _PAD = " " * 16
 _TEMPLATE_VERBATIM = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
     f"{_PAD}### Instruction:\n{_PAD}{{instruction}}\n\n{_PAD}### Response:\n{_PAD}"
+)
+_TRAIN_TEMPLATE_VERBATIM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+    f"{_PAD}### Instruction:\n{_PAD}{{instruction}}\n{_PAD}\n{_PAD}### Response:\n{_PAD}"
 )
 
 
@@ -63,8 +69,13 @@ def _task(task: str) -> str:
 
 
 def prompt(instruction: str, verbatim: bool = False) -> str:
-    """The Alpaca-style prompt the model answers; `verbatim=True` reproduces the official eval whitespace."""
+    """The evaluation prompt the model answers; `verbatim=True` is the official evaluation's exact whitespace."""
     return (_TEMPLATE_VERBATIM if verbatim else _TEMPLATE).format(instruction=instruction)
+
+
+def train_prompt(instruction: str, verbatim: bool = False) -> str:
+    """The training prompt (the response follows it directly); `verbatim=True` is finetune.py's exact whitespace."""
+    return (_TRAIN_TEMPLATE_VERBATIM if verbatim else _TEMPLATE).format(instruction=instruction)
 
 
 def response_text(decoded: str) -> str:

@@ -59,12 +59,21 @@ FORMATS: dict[str, tuple[list[str], Callable[[dict], bool], Callable[[dict], tup
         lambda r: "sorry" not in r["output"].lower() and "as an ai" not in r["output"].lower(),
         lambda r: (ALPACA.format(instruction=r["instruction"]), r["output"]),
     ),
+    # LLM-Adapters' finetune.py template with its literal whitespace (the official default) / the clean Alpaca one
     "commonsense": (
         ["instruction", "output"],
         lambda r: True,
-        lambda r: (commonsense.prompt(r["instruction"]), r["output"]),
+        lambda r: (commonsense.train_prompt(r["instruction"], verbatim=True), r["output"]),
+    ),
+    "commonsense_alpaca": (
+        ["instruction", "output"],
+        lambda r: True,
+        lambda r: (commonsense.train_prompt(r["instruction"]), r["output"]),
     ),
 }
+# formats encoded as LLM-Adapters' finetune.py `tokenize` does: the template ends where the response begins (no " "
+# between them, as LoRA-GA writes), and EOS is appended as a token id only where the cut text leaves room
+LLM_ADAPTERS_FORMATS = ("commonsense", "commonsense_alpaca")
 EVAL_SETS = ("gsm8k", "humaneval", "mtbench", *commonsense.COMMONSENSE_TASKS)
 DEFAULT_EVAL_DATA = {  # benchmark -> hub id (task.eval_data.<name>=<hub id or local path> overrides)
     "gsm8k": "openai/gsm8k",
@@ -84,30 +93,55 @@ def check_instruct(cfg: TaskConfig) -> None:
 
 
 def sft_pairs(cfg: TaskConfig, tokenizer) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, val) (prompt, response) pairs: kept rows in file order, shorter than max_length tokens in all."""
+    """(train, val) (prompt, response) pairs. `val_rows=after_train` (LoRA-GA): kept rows in file order, the first
+    n_train train and the next n_val validate; with `long_rows=drop` only pairs shorter than max_length tokens are
+    kept. `val_rows=random` (LLM-Adapters): `train_test_split(test_size=n_val, shuffle=True, seed=split_seed)` of
+    all rows, as their finetune.py draws its validation set; the first n_train of the rest train."""
     columns, keep, to_pair = FORMATS[cfg.format]
     rows = load_split(cfg.dataset, cfg.subset, cfg.train_split, cfg.data_dir)
     require_columns(rows, columns, f"task {cfg.name!r} ({cfg.format})")
-    wanted = (cfg.n_train if cfg.n_train is not None else len(rows)) + cfg.n_val
-    pairs = []
-    for row in rows.select_columns(columns):
-        if len(pairs) >= wanted:
-            break
-        if not keep(row):
-            continue
-        x, y = to_pair(row)
-        if len(tokenizer(f"{x} {y}")["input_ids"]) < cfg.max_length:  # the official length filter
-            pairs.append((x, y))
-    n_train = len(pairs) - cfg.n_val if cfg.n_train is None else min(cfg.n_train, len(pairs) - cfg.n_val)
-    if n_train <= 0:
+    rows, joiner = rows.select_columns(columns), "" if cfg.format in LLM_ADAPTERS_FORMATS else " "
+
+    def usable(part, wanted: int | None) -> list[tuple[str, str]]:
+        pairs = []
+        for row in part:
+            if wanted is not None and len(pairs) >= wanted:
+                break
+            if not keep(row):
+                continue
+            x, y = to_pair(row)
+            if cfg.long_rows == "truncate" or len(tokenizer(f"{x}{joiner}{y}")["input_ids"]) < cfg.max_length:
+                pairs.append((x, y))  # (drop: the official LoRA-GA length filter)
+        return pairs
+
+    if cfg.val_rows == "random":
+        if not 0 < cfg.n_val < len(rows):
+            raise ConfigError(f"task {cfg.name!r}: val_rows=random needs 0 < n_val={cfg.n_val} < {len(rows)} rows")
+        parts = rows.train_test_split(test_size=cfg.n_val, shuffle=True, seed=cfg.split_seed)
+        train, val = usable(parts["train"], cfg.n_train), usable(parts["test"], None)
+    else:
+        pairs = usable(rows, (cfg.n_train if cfg.n_train is not None else len(rows)) + cfg.n_val)
+        n_train = len(pairs) - cfg.n_val if cfg.n_train is None else min(cfg.n_train, len(pairs) - cfg.n_val)
+        train, val = pairs[: max(n_train, 0)], pairs[max(n_train, 0) : n_train + cfg.n_val]
+    if not train:
         raise ConfigError(
-            f"task {cfg.name!r}: {len(pairs)} usable rows leave nothing to train on with n_val={cfg.n_val}"
+            f"task {cfg.name!r}: {len(train) + len(val)} usable rows leave nothing to train on with n_val={cfg.n_val}"
         )
-    return pairs[:n_train], pairs[n_train : n_train + cfg.n_val]
+    return train, val
 
 
-def encode_pair(tokenizer, x: str, y: str, max_length: int) -> dict:
-    ids = tokenizer(f"{x} {y}{tokenizer.eos_token}", truncation=True, max_length=max_length)["input_ids"]
+def encode_pair(tokenizer, x: str, y: str, max_length: int, train_on_inputs: bool = False, official_eos: bool = False):
+    """Token ids of the pair cut at max_length, and labels: every token with `train_on_inputs` (LLM-Adapters'
+    default), else the response tokens only. LoRA-GA: x + " " + y + EOS as text; `official_eos` (LLM-Adapters):
+    x + y, then the EOS id if the last token is not EOS and the cut left room for it."""
+    if official_eos:
+        ids = tokenizer(f"{x}{y}", truncation=True, max_length=max_length)["input_ids"]
+        if ids[-1] != tokenizer.eos_token_id and len(ids) < max_length:
+            ids = [*ids, tokenizer.eos_token_id]
+    else:
+        ids = tokenizer(f"{x} {y}{tokenizer.eos_token}", truncation=True, max_length=max_length)["input_ids"]
+    if train_on_inputs:
+        return {"input_ids": ids, "labels": list(ids)}
     n_prompt = len(tokenizer(x)["input_ids"])
     return {"input_ids": ids, "labels": [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]}
 
@@ -165,7 +199,11 @@ def benchmark_items(cfg: TaskConfig) -> list[dict]:
             if not path.is_file():
                 raise ConfigError(f"task {cfg.name!r}: {path} does not exist (LLM-Adapters layout expected)")
             data = json.loads(path.read_text())
-            rows = [{"set": name, "prompt": commonsense.prompt(r["instruction"]), "answer": r["answer"]} for r in data]
+            verbatim = cfg.format != "commonsense_alpaca"  # the official evaluation's whitespace by default
+            rows = [
+                {"set": name, "prompt": commonsense.prompt(r["instruction"], verbatim), "answer": r["answer"]}
+                for r in data
+            ]
         items += rows[: cfg.test_limit] if cfg.test_limit is not None else rows
     return items
 
@@ -180,7 +218,10 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, ctx: E
     net.eval()
     side, trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # generation continues at the right edge
-    sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample else {}
+    # the sampling knobs go to generate as configured: without do_sample they are inert, as in LLM-Adapters' beam
+    # search (num_beams=4 with temperature 0.1, top_p 0.75, top_k 40 set but unused)
+    decoding = {"do_sample": gen.do_sample, "num_beams": gen.num_beams, "temperature": gen.temperature}
+    decoding |= {"top_p": gen.top_p, "top_k": gen.top_k}
     out: list[tuple[int, list[str]]] = []
     try:
         show = ctx.progress and acc.is_main_process
@@ -202,7 +243,7 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, ctx: E
                     use_cache=True,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
-                    **({"do_sample": False} | sampling),
+                    **decoding,
                 )
             texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for k, i in enumerate(idx):
@@ -294,7 +335,10 @@ def load_instruct(cfg: TaskConfig, tokenizer) -> TaskData:
     check_instruct(cfg)
     train_pairs, val_pairs = sft_pairs(cfg, tokenizer)
     items = benchmark_items(cfg)
-    encode = lambda pairs: [encode_pair(tokenizer, x, y, cfg.max_length) for x, y in pairs]
+    official_eos = cfg.format in LLM_ADAPTERS_FORMATS
+    encode = lambda pairs: [
+        encode_pair(tokenizer, x, y, cfg.max_length, cfg.train_on_inputs, official_eos) for x, y in pairs
+    ]
     collate = pad_collate(tokenizer.pad_token_id)
     plain = [{k: v for k, v in it.items() if k in ("set", "prompt")} for it in items]
     return TaskData(
