@@ -1,8 +1,8 @@
 """Training-loop protocol options: best-checkpoint selection, per-epoch evaluation, warmup steps, fp16 masters."""
 
 import pytest
-from hydra.errors import ConfigCompositionException
 import torch
+from hydra.errors import ConfigCompositionException
 
 from conftest import TINY_TEXT
 from loralab import fixtures
