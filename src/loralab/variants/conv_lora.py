@@ -202,5 +202,6 @@ def load_lora_adapter(model: nn.Module, directory, **kwargs) -> PeftModel:
     """`PeftModel.from_pretrained` for an adapter saved by `Lora.save`, with the conv layout it was trained with."""
     d = Path(directory)
     config = LoraConfig.from_pretrained(str(d))
+    config.init_lora_weights = True  # the saved factors are loaded: an init (PiSSA's SVD) must not move the base again
     layout = json.loads((d / LAYOUT_FILE).read_text())["conv_layout"] if (d / LAYOUT_FILE).is_file() else "peft"
     return PeftModel.from_pretrained(model, str(d), config=register_layout(config, layout), **kwargs)
