@@ -2,6 +2,7 @@
 autograd, merge, ε-policy, save/load."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -479,3 +480,22 @@ def test_low_precision(kind, mode):
     for c, n, r in zip(*results, reference):
         torch.testing.assert_close(c, n, rtol=1e-2, atol=1e-2)
         assert (c - r).norm() <= 0.02 * r.norm()
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", ["linear3d", "depthwise"])
+def test_backward_keeps_no_weight_sized_tensor(kind, form):
+    """The memory-lean autograd: what the forward saves for backward is x, W0 (a parameter), A, B (and m) only —
+    plain autograd also keeps the out×in adapted weight (as much as full fine-tuning), which is the check's control."""
+    torch.manual_seed(0)
+    make, make_x = LAYERS[kind]
+    layer, x = make_form(make, form), make_x().requires_grad_(True)
+    allowed = {t.data_ptr() for t in (x, layer.base_layer.weight, *layer.adapter_parameters().values())}
+    for naive in (False, True):
+        layer.naive = naive
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            layer(x).sum().backward()
+        extra = [tuple(t.shape) for t in saved if t.data_ptr() not in allowed]
+        weight_sized = [s for s in extra if math.prod(s) >= layer.base_layer.weight.numel()]
+        assert bool(weight_sized) == naive, (naive, extra)
