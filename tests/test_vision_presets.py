@@ -194,6 +194,8 @@ def test_parameter_budget_of_the_real_architectures(variant):
         c = counts.count("liera_vtab", variant, None, rank)
         assert c["targets"] == "conv" and c["layers"] == 40
         assert abs(c["trainable"] - budget) <= 0.005 * budget, (variant, rank, c["trainable"])
+        row = f"| {variant} | conv (40) | {rank} | {c['trainable'] / 1e6:.3f}M |"
+        assert row in (ROOT / "experiments/liera_vtab/README.md").read_text()  # the README's table is the measurement
     full = counts.count("liera_vtab", "full")
     assert full["total"] + 900 * 1025 == 88_717_800  # ConvNeXt-V2-B with its 1000-class head: 88.7M
     if variant == "lierra":

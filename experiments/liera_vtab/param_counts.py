@@ -39,7 +39,7 @@ RUNS = {
         ("lora", None, ()), ("lierra", None, ()), ("pissa", None, ()), ("dora", None, ()), ("rslora", None, ()),
         ("lora_plus", None, ()), ("pissa_lierra", None, ()), ("dora_lierra", None, ()),
         ("lora", "conv_linear", ()), ("lierra", "conv_linear", ()),
-        ("adalora", "linear", ()), ("loraga", "linear", ()),  # linear layers only (PEFT's AdaLoRA; LoRA-GA's SVD)
+        ("adalora", "linear", ()), ("loraga", "linear", ()), ("loraga_peft", "linear", ()),  # linear layers only
         ("lora", "no_dwconv", ("variant.conv_layout=peft",)),  # PEFT's own conv layout, which skips the dwconvs
     ],
     "liera_coco": [("lierra", "conv_linear", ()), ("lora", "conv_linear", ()), ("lierra", "conv", ())],
