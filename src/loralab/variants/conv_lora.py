@@ -78,6 +78,8 @@ class LoralibConv2d(nn.Module, LoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha, config: LoraConfig, **kwargs) -> None:
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if config.lora_bias:
+            raise ValueError("conv_layout=loralib: lora_bias is not supported (loralib's ConvLoRA has no bias)")
         w = self.get_base_layer().weight
         out_c, in_g, kh, kw = w.shape
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
