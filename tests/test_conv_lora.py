@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Conv2d as PeftConv2d
 from torch import nn
 
 from loralab.config import ConfigError
 from loralab.variants import get_variant
-from loralab.variants.conv_lora import LoralibConv2d, load_lora_adapter
+from loralab.variants.conv_lora import LoralibConv2d, load_lora_adapter, register_layout
 from loralab.variants.lora import lora_layers
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)
@@ -151,6 +151,9 @@ def test_pissa_on_the_reshaped_kernel(kind):
     torch.testing.assert_close(layer(x), base(x), **CLOSE)  # starts unchanged
     if q < a.shape[0]:  # a depthwise kernel has kw = 7 columns < r·kh = 14: the rest starts as LoRA's
         assert not b[:, q:].any() and a[q:].abs().sum() > 0
+    pissa_dora = LoraConfig(r=2, lora_alpha=4.0, target_modules=["0"], init_lora_weights="pissa", use_dora=True)
+    both = get_peft_model(nn.Sequential(copy.deepcopy(base)), register_layout(pissa_dora, "loralib"))
+    torch.testing.assert_close(both(x), base(x), **CLOSE)  # PiSSA and DoRA together also start unchanged
 
 
 def test_dropout_only_on_the_adapter_path():

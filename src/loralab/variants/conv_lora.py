@@ -99,8 +99,9 @@ class LoralibConv2d(nn.Module, LoraLayer):
             self._pissa_init(adapter_name, init)
         elif init is not True and init is not False:
             raise ValueError(f"conv_layout=loralib: init_lora_weights={init!r} is not defined for its conv layers")
-        if config.use_dora:
-            self.lora_magnitude_vector[adapter_name] = _Magnitude(channel_norm(_hi(w.detach())).flatten().to(w.dtype))
+        if config.use_dora:  # m0 = ‖W0 + ΔW0‖_c (ΔW0 ≠ 0 after PiSSA's init), so the layer starts unchanged
+            start = _hi(w.detach()) + _hi(self.get_delta_weight(adapter_name).detach())
+            self.lora_magnitude_vector[adapter_name] = _Magnitude(channel_norm(start).flatten().to(w.dtype))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     @torch.no_grad()
