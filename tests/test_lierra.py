@@ -1,6 +1,8 @@
-"""LieRA: closed forms, PEFT HiRA equivalence, memory-saving autograd vs plain autograd, merge, ε-policy, save/load."""
+"""LieRA and its PiSSA / DoRA combinations: closed forms, PEFT HiRA equivalence, memory-saving autograd vs plain
+autograd, merge, ε-policy, save/load."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,13 +13,18 @@ from torch import nn
 
 from loralab.config import ConfigError
 from loralab.targets import find_targets
+from loralab.variants import get_variant
 from loralab.variants.lierra import (
+    DoraLiera,
     Liera,
     LieraConv2d,
     LieraLinear,
     LieraVariantConfig,
-    _Conv2dFn,
-    _LinearFn,
+    PissaLiera,
+    PissaLieraVariantConfig,
+    _Conv2dOp,
+    _LieraFn,
+    _LinearOp,
     liera_layers,
     load_liera_adapter,
     merge_liera,
@@ -50,6 +57,27 @@ CONVS = {
 
 def conv_input(conv):
     return torch.randn(2, conv.in_channels, 9, 9)
+
+
+def make_form(make, form):
+    """A layer of each variant's form: LieRA, DoRA+LieRA (magnitude ≠ ‖W0‖_c), PiSSA+LieRA (SVD init, exp)."""
+    layer = make()
+    if form == "dora":
+        base = layer.base_layer
+        layer = type(layer)(base, layer.lora_A.shape[0] // (base.weight.shape[2] if base.weight.dim() == 4 else 1),
+                            layer.scaling, exact_exp=layer.exact_exp, dora=True)  # fmt: skip
+        with torch.no_grad():
+            layer.lora_magnitude.mul_(torch.rand_like(layer.lora_magnitude) + 0.5)
+    randomize(layer, 0.3)
+    if form == "pissa":
+        layer.exact_exp = True
+        layer.pissa_init()
+        with torch.no_grad():
+            layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))  # away from the init
+    return layer
+
+
+FORMS = ["liera", "dora", "pissa"]
 
 
 def test_matches_peft_hira_on_linear():
@@ -95,14 +123,15 @@ def test_conv_closed_form(kind):
     torch.testing.assert_close(layer(x), expected, **CLOSE)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("exact", [False, True])
-def test_merge_unmerge_exact(exact):
+def test_merge_unmerge_exact(exact, form):
     torch.manual_seed(0)
-    for layer, x in (
-        (LieraLinear(nn.Linear(12, 10), 3, 2.0, exact_exp=exact), torch.randn(4, 12)),
-        (LieraConv2d(CONVS["depthwise"](), 2, 2.0, exact_exp=exact), conv_input(CONVS["depthwise"]())),
+    for make, x in (
+        (lambda: LieraLinear(nn.Linear(12, 10), 3, 2.0, exact_exp=exact), torch.randn(4, 12)),
+        (lambda: LieraConv2d(CONVS["depthwise"](), 2, 2.0, exact_exp=exact), conv_input(CONVS["depthwise"]())),
     ):
-        randomize(layer, 0.3)
+        layer = make_form(make, form)
         w0 = layer.base_layer.weight.detach().clone()
         y, upd = layer(x), layer.effective_update()
         layer.merge()
@@ -153,12 +182,15 @@ LAYERS = {
 }
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_custom_autograd_matches_naive(kind, exact):
+def test_custom_autograd_matches_naive(kind, exact, form):
     torch.manual_seed(0)
     make, make_x = LAYERS[kind]
-    layer = randomize(make(), 0.3)
+    if form == "pissa" and not exact:
+        pytest.skip("PiSSA+LieRA is defined with the exponential only")
+    layer = make_form(make, form)
     layer.exact_exp = exact
     x = make_x()
     custom = grads(layer, x)
@@ -184,26 +216,48 @@ def test_custom_autograd_with_dropout_matches_naive():
     torch.testing.assert_close(layer(x), y, **CLOSE)
 
 
+def check_gradients(w0, op, x, a, b, exact, form):
+    bias = torch.randn(w0.shape[0], dtype=torch.float64)
+    if form != "dora":
+        plus_base = form != "liera_adapter_path"
+        f = lambda x, a, b: _LieraFn.apply(x, w0, bias, a, b, None, op, 0.7, exact, plus_base)
+        assert torch.autograd.gradcheck(f, (x, a, b), fast_mode=True)  # full mode: seconds for fp64 conv
+        return
+    mag = (torch.rand(w0.shape[0], dtype=torch.float64) + 0.5).requires_grad_(True)
+    inputs = (x, a, b, mag)
+    f = lambda x, a, b, m: _LieraFn.apply(x, w0, bias, a, b, m, op, 0.7, exact, True)
+
+    def reference(x, a, b, m):  # plain autograd through the same formula, the norm detached
+        sd = 0.7 * (b @ a).view(w0.shape)
+        v = w0 * (sd.exp() if exact else 1 + sd)
+        norm = v.flatten(1).norm(dim=1).view(-1, *[1] * (v.dim() - 1)).detach()
+        return op.apply(x, m.view(norm.shape) * v / norm, bias)
+
+    gy = torch.randn_like(f(*inputs))
+    for ours, theirs in zip(
+        torch.autograd.grad(f(*inputs), inputs, gy), torch.autograd.grad(reference(*inputs), inputs, gy)
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    # m's gradient against finite differences (the norm does not depend on m: no detach matters there)
+    assert torch.autograd.gradcheck(lambda m: f(x.detach(), a.detach(), b.detach(), m), (mag,), fast_mode=True)
+
+
 @pytest.mark.parametrize("exact", [False, True])
-@pytest.mark.parametrize("plus_base", [True, False])
-def test_gradcheck_float64(exact, plus_base):
+@pytest.mark.parametrize("form", ["liera", "liera_adapter_path", "dora"])
+def test_gradcheck_float64(exact, form):
+    """The custom backward against finite differences: LieRA (whole weight, and the dropout path's update alone) and
+    DoRA+LieRA (x, A, B and the magnitude m; its norm a constant, DoRA §4.3, so against a detached reference)."""
     torch.manual_seed(0)
     d = dict(dtype=torch.float64, requires_grad=True)
-    w0, bias = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    x, a, b = torch.randn(2, 2, 3, **d), torch.randn(2, 3, **d), torch.randn(4, 2, **d)
-    assert torch.autograd.gradcheck(
-        lambda x, a, b: _LinearFn.apply(x, w0, bias, a, b, 0.7, exact, plus_base), (x, a, b)
+    w0 = torch.randn(4, 3, dtype=torch.float64)
+    check_gradients(
+        w0, _LinearOp(), torch.randn(2, 2, 3, **d), torch.randn(2, 3, **d), torch.randn(4, 2, **d), exact, form
     )
     for groups, cin in ((1, 2), (2, 2)):  # regular and depthwise; A (r·kh, cin/g·kw), B (out·kh, r·kh), kh=3, kw=2
         w0 = torch.randn(2, cin // groups, 3, 2, dtype=torch.float64)
-        x = torch.randn(1, cin, 5, 4, **d)
-        a, b = torch.randn(2 * 3, cin // groups * 2, **d), torch.randn(2 * 3, 2 * 3, **d)
-        conv = ((2, 1), (1, 0), (1, 1), groups)
-
-        def f(x, a, b, w0=w0, conv=conv):
-            return _Conv2dFn.apply(x, w0, None, a, b, 0.7, exact, plus_base, conv)
-
-        assert torch.autograd.gradcheck(f, (x, a, b), fast_mode=True)  # full mode: seconds for fp64 conv
+        op = _Conv2dOp((2, 1), (1, 0), (1, 1), groups)
+        x, a, b = torch.randn(1, cin, 5, 4, **d), torch.randn(6, cin // groups * 2, **d), torch.randn(6, 6, **d)
+        check_gradients(w0, op, x, a, b, exact, form)
 
 
 class Net(nn.Module):
@@ -218,22 +272,93 @@ class Net(nn.Module):
         return self.head(torch.relu(self.fc(self.dw(self.conv(x)).mean((2, 3)))))
 
 
-def variant(rank=2, **kw):
-    return Liera(LieraVariantConfig(name="lierra", **kw), rank=rank)
+def variant(rank=2, name="lierra", **kw):
+    cls = get_variant(name)
+    return cls(cls.config_class(name=cls.name, **kw), rank=rank)
 
 
-def test_init_is_noop():
+VARIANTS = ["lierra", "pissa_lierra", "dora_lierra"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_init_is_noop(name):
     torch.manual_seed(0)
     base, x = Net(), torch.randn(2, 1, 6, 6)
-    model = variant().prepare(copy.deepcopy(base), ["conv", "dw", "fc"], ["head"])
-    assert torch.equal(model(x), base(x))
+    model = variant(name=name).prepare(copy.deepcopy(base), ["conv", "dw", "fc"], ["head"])
+    torch.testing.assert_close(model(x), base(x), rtol=1e-6, atol=1e-7)
+    if name == "lierra":
+        assert torch.equal(model(x), base(x))
 
 
 @pytest.mark.parametrize("init", ["pissa", "loraga", "olora", "gaussian"])
 def test_additive_init_refused(init):
     with pytest.raises(ConfigError, match="multiplicative") as e:
         Liera(LieraVariantConfig(name="lierra", init=init), rank=4)
-    assert "default" in str(e.value)
+    assert "default" in str(e.value) and "pissa_lierra" in str(e.value)
+
+
+def test_combinations_refuse_what_they_do_not_define():
+    with pytest.raises(ConfigError, match="exact_exp=true"):
+        PissaLiera(PissaLieraVariantConfig(name="pissa_lierra", exact_exp=False), rank=4)
+    with pytest.raises(ConfigError, match="'pissa_niter_<n>'"):
+        PissaLiera(PissaLieraVariantConfig(name="pissa_lierra", init="default"), rank=4)
+    with pytest.raises(ConfigError, match="dropout=0.1"):
+        variant(name="dora_lierra", dropout=0.1).prepare(Net(), ["fc"], [])
+    assert get_variant("pissa_liera") is PissaLiera and get_variant("dora_liera") is DoraLiera
+
+
+@pytest.mark.parametrize("shape", [(10, 12), (6, 3, 3, 3), (8, 1, 7, 7)])  # linear, regular conv, depthwise
+def test_pissa_lierra_init_is_the_svd_of_the_lie_algebra_coordinate(shape):
+    """s·B0·A0 = the best rank-q approximation of log|W0| on the layout's matrix; W_frozen = sign(W0)·exp(residual);
+    zeros stay zeros; beyond q (a depthwise kernel's 7 columns < r·kh = 14) A rows stay Kaiming, B columns zero."""
+    torch.manual_seed(0)
+    r, s = 2, 0.5
+    groups = 8 if shape[1] == 1 else 1
+    base = (
+        nn.Linear(shape[1], shape[0])
+        if len(shape) == 2
+        else nn.Conv2d(shape[1] * groups, shape[0], shape[2], groups=groups)
+    )
+    with torch.no_grad():
+        base.weight.view(-1)[::7] = 0.0
+    w0 = base.weight.detach().clone().double()
+    layer = (LieraLinear if len(shape) == 2 else LieraConv2d)(base, r, s, exact_exp=True)
+    kaiming = layer.lora_A.detach().clone()
+    layer.pissa_init()
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    coord = w0.abs().log()
+    coord[w0 == 0] = coord[w0 != 0].mean()
+    matrix = coord.reshape(b.shape[0], a.shape[1])
+    u, sv, vh = torch.linalg.svd(matrix, full_matrices=False)
+    q = min(a.shape[0], *matrix.shape)
+    best = (u[:, :q] * sv[:q]) @ vh[:q]
+    torch.testing.assert_close(s * b @ a, best, rtol=1e-4, atol=1e-4)
+    frozen = torch.sign(w0) * (coord - s * (b @ a).view(w0.shape)).exp()
+    torch.testing.assert_close(layer.base_layer.weight.double(), frozen, rtol=1e-5, atol=1e-7)
+    assert (layer.base_layer.weight[w0 == 0] == 0).all()
+    assert torch.equal(layer.lora_A[q:], kaiming[q:]) and not layer.lora_B[:, q:].any()
+    torch.testing.assert_close(layer.effective_weight().double(), w0, rtol=1e-5, atol=1e-7)  # starts at W0
+
+
+def test_dora_lierra_closed_form():
+    torch.manual_seed(0)
+    for layer, x in (
+        (LieraLinear(nn.Linear(12, 10), 3, 2.0, dora=True), torch.randn(4, 12)),
+        (LieraConv2d(CONVS["nonsquare"](), 2, 0.5, exact_exp=True, dora=True), conv_input(CONVS["nonsquare"]())),
+    ):
+        c = layer.base_layer
+        w0 = c.weight.detach()
+        torch.testing.assert_close(layer.lora_magnitude, w0.flatten(1).norm(dim=1))  # m0 = ‖W0‖_c
+        randomize(layer, 0.3)
+        with torch.no_grad():
+            layer.lora_magnitude.mul_(torch.rand(w0.shape[0]) + 0.5)
+        sd = layer.scaling * conv_delta(layer) if w0.dim() == 4 else layer.scaling * layer.lora_B @ layer.lora_A
+        v = w0 * (sd.exp() if layer.exact_exp else 1 + sd)
+        norm = v.flatten(1).norm(dim=1).view(-1, *[1] * (v.dim() - 1))
+        weight = layer.lora_magnitude.view(norm.shape) * v / norm
+        expected = torch.func.functional_call(c, {"weight": weight, "bias": c.bias}, (x,))
+        torch.testing.assert_close(layer(x), expected, **CLOSE)
+        torch.testing.assert_close(layer.effective_update(), weight - w0, **CLOSE)
 
 
 def test_wrong_layer_type_refused():
@@ -264,17 +389,23 @@ def test_eps_policy(eps):
         assert (update[zero] != 0).all()
 
 
-def test_save_load_roundtrip(tmp_path):
+@pytest.mark.parametrize("name", VARIANTS)
+def test_save_load_roundtrip(tmp_path, name):
     torch.manual_seed(0)
     base, x = Net(), torch.randn(2, 1, 6, 6)
-    v = variant(eps=1e-4, exact_exp=True)
+    v = variant(name=name, eps=1e-4, exact_exp=True)
     model = v.prepare(copy.deepcopy(base), ["conv", "dw", "fc"], ["head"])
     for layer in liera_layers(model).values():
         randomize(layer, 0.2)
+        if layer.lora_magnitude is not None:
+            with torch.no_grad():
+                layer.lora_magnitude.mul_(1.5)
     with torch.no_grad():
         model.head.weight.add_(1.0)
     v.save(model, tmp_path)
     loaded = load_liera_adapter(copy.deepcopy(base), tmp_path)
+    for n, layer in liera_layers(loaded).items():  # PiSSA+LieRA: the frozen weight rebuilt from W0 and B0, A0
+        torch.testing.assert_close(layer.base_layer.weight, liera_layers(model)[n].base_layer.weight, rtol=0, atol=0)
     assert torch.equal(loaded(x), model(x))
     merge_liera(loaded)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-6)
@@ -300,20 +431,25 @@ def tiny_convnext():
     return model, ["dwconv", "downsampling_layer.1", "pwconv1"], ["classifier"], batch
 
 
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("build", [tiny_bert, tiny_convnext])
-def test_prepare_real_models(build):
+def test_prepare_real_models(build, name):
     torch.manual_seed(0)
     model, suffixes, heads, batch = build()
     targets = find_targets(model, suffixes, exclude=heads)
-    v = variant(rank=4)
+    model.eval()  # dropout off: the no-op check below compares two forwards
+    reference = model(**batch).logits
+    v = variant(rank=4, name=name)
     model = v.prepare(model, targets, heads)
     kinds = {type(m) for m in liera_layers(model).values()}
     assert kinds == ({LieraLinear} if build is tiny_bert else {LieraLinear, LieraConv2d})
-    for name, p in model.named_parameters():
-        is_head = any(name.startswith(h + ".") or f".{h}." in name for h in heads)
-        assert p.requires_grad == (name.endswith(("lora_A", "lora_B")) or is_head), name
+    torch.testing.assert_close(model(**batch).logits, reference, rtol=1e-5, atol=1e-5)  # starts unchanged
+    model.train()
+    for pname, p in model.named_parameters():
+        is_head = any(pname.startswith(h + ".") or f".{h}." in pname for h in heads)
+        assert p.requires_grad == (pname.endswith(("lora_A", "lora_B", "lora_magnitude")) or is_head), pname
     deltas = v.delta_weights(model)
-    assert sorted(deltas) == sorted(targets) and all(not d.any() for d in deltas.values())
+    assert sorted(deltas) == sorted(targets) and all(d.abs().max() < 1e-5 for d in deltas.values())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch).loss.backward()
     opt.step()  # B ≠ 0 after one step (A is random), so every ΔW = W0 ⊙ s·B·A is non-zero
@@ -344,3 +480,22 @@ def test_low_precision(kind, mode):
     for c, n, r in zip(*results, reference):
         torch.testing.assert_close(c, n, rtol=1e-2, atol=1e-2)
         assert (c - r).norm() <= 0.02 * r.norm()
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kind", ["linear3d", "depthwise"])
+def test_backward_keeps_no_weight_sized_tensor(kind, form):
+    """The memory-lean autograd: what the forward saves for backward is x, W0 (a parameter), A, B (and m) only —
+    plain autograd also keeps the out×in adapted weight (as much as full fine-tuning), which is the check's control."""
+    torch.manual_seed(0)
+    make, make_x = LAYERS[kind]
+    layer, x = make_form(make, form), make_x().requires_grad_(True)
+    allowed = {t.data_ptr() for t in (x, layer.base_layer.weight, *layer.adapter_parameters().values())}
+    for naive in (False, True):
+        layer.naive = naive
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            layer(x).sum().backward()
+        extra = [tuple(t.shape) for t in saved if t.data_ptr() not in allowed]
+        weight_sized = [s for s in extra if math.prod(s) >= layer.base_layer.weight.numel()]
+        assert bool(weight_sized) == naive, (naive, extra)

@@ -20,6 +20,7 @@ from loralab.models import build_skeleton
 from loralab.runner import count_parameters, head_modules
 from loralab.targets import find_targets, matches
 from loralab.variants import get_variant
+from loralab.variants.lierra import Liera, PissaLiera
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 BASE = "hidden_sizes:[128,256,512,1024],depths:[3,3,27,3]"  # ConvNeXt-V2-B
@@ -32,9 +33,17 @@ ARCHITECTURE = {  # the preset's model, built from the architecture instead of t
     ],
 }
 RANKS = {"liera_vtab": (8, 16), "liera_coco": (16, 32)}
-# (variant, target set) as the presets run them: PEFT's LoRA / DoRA skip the depthwise convs, PiSSA every conv
-RUNS = [("lierra", "conv_linear"), ("lierra", "conv"), ("lierra", "no_dwconv"), ("lora", "no_dwconv"),
-        ("dora", "no_dwconv"), ("pissa", "linear")]  # fmt: skip
+# (variant, target set, extra overrides); target set None: the preset's default (liera_vtab: `conv`, the paper's)
+RUNS = {
+    "liera_vtab": [
+        ("lora", None, ()), ("lierra", None, ()), ("pissa", None, ()), ("dora", None, ()), ("rslora", None, ()),
+        ("lora_plus", None, ()), ("pissa_lierra", None, ()), ("dora_lierra", None, ()),
+        ("lora", "conv_linear", ()), ("lierra", "conv_linear", ()),
+        ("adalora", "linear", ()), ("loraga", "linear", ()), ("loraga_peft", "linear", ()),  # linear layers only
+        ("lora", "no_dwconv", ("variant.conv_layout=peft",)),  # PEFT's own conv layout, which skips the dwconvs
+    ],
+    "liera_coco": [("lierra", "conv_linear", ()), ("lora", "conv_linear", ()), ("lierra", "conv", ())],
+}  # fmt: skip
 
 
 def preset(name: str, *overrides: str):
@@ -45,8 +54,10 @@ def preset(name: str, *overrides: str):
 
 
 def count(name: str, variant: str, targets: str | None = None, rank: int = 8, *overrides: str) -> dict[str, int]:
-    """Parameters of the preset's model after `variant` prepared it: trainable, total, and the new head's share."""
-    cfg = preset(name, f"variant={variant}", f"targets={targets or 'null'}", f"rank={rank}", *overrides)
+    """Parameters of the preset's model after `variant` prepared it: trainable, total, and the new head's share.
+    `targets` None keeps the preset's own target set."""
+    chosen = () if targets is None else (f"targets={targets}",)
+    cfg = preset(name, f"variant={variant}", *chosen, f"rank={rank}", *overrides)
     model = build_skeleton(cfg.model, cfg.task)
     heads = head_modules(cfg)
     head = sum(p.numel() for n, p in model.named_parameters() if any(matches(n, h) or f"{h}." in n for h in heads))
@@ -58,15 +69,19 @@ def count(name: str, variant: str, targets: str | None = None, rank: int = 8, *o
         config = v.peft_config(layers, heads, None)
         config.init_lora_weights = True  # PiSSA's SVD init too (its factors have LoRA's shapes)
         model = get_peft_model(model, config)
+    elif isinstance(v, PissaLiera):  # its SVD init needs real weights; the factors have LieRA's shapes
+        model = Liera.prepare(v, model, layers, heads)
     else:
         model = v.prepare(model, layers, heads)
-    return count_parameters(model) | {"head": head, "layers": len(layers)}
+    return count_parameters(model) | {"head": head, "layers": len(layers), "targets": cfg.targets}
 
 
 def rows(name: str) -> list[tuple]:
-    out = [("full", "all", None, count(name, "full"))]
+    out = [("full", "", None, count(name, "full", "conv_linear"))]
     for rank in RANKS[name]:
-        out += [(variant, targets, rank, count(name, variant, targets, rank)) for variant, targets in RUNS]
+        for variant, targets, overrides in RUNS[name]:
+            c = count(name, variant, targets, rank, *overrides)
+            out.append((variant + "".join(f" {o}" for o in overrides), c["targets"], rank, c))
     return out
 
 
@@ -78,8 +93,8 @@ def markdown(table: list[tuple]) -> str:
     for variant, targets, rank, c in table:
         adapters = "-" if variant == "full" else f"{(c['trainable'] - c['head']) / 1e6:.3f}M"
         lines.append(
-            f"| {variant} | {targets} ({c['layers']}) | {rank or '-'} | {c['trainable'] / 1e6:.3f}M | {adapters} "
-            f"| {c['head'] / 1e6:.3f}M | {c['total'] / 1e6:.3f}M |"
+            f"| {variant} | {targets or 'all'} ({c['layers']}) | {rank or '-'} | {c['trainable'] / 1e6:.3f}M "
+            f"| {adapters} | {c['head'] / 1e6:.3f}M | {c['total'] / 1e6:.3f}M |"
         )
     return "\n".join(lines)
 

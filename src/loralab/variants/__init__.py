@@ -10,15 +10,30 @@ from __future__ import annotations
 from loralab.config import ConfigError
 from loralab.variants.base import PrepareContext, Variant
 from loralab.variants.full import FullFinetune
-from loralab.variants.lierra import Liera
+from loralab.variants.lierra import DoraLiera, Liera, PissaLiera
 from loralab.variants.lora import Lora
 from loralab.variants.loraga import LoraGA
 from loralab.variants.peft_baselines import AdaLora, Dora, LoraGAPeft, LoraPlus, Pissa, RsLora
 
 VARIANTS: dict[str, type[Variant]] = {
-    cls.name: cls for cls in (Lora, FullFinetune, LoraGA, LoraGAPeft, Pissa, Dora, RsLora, LoraPlus, AdaLora, Liera)
+    cls.name: cls
+    for cls in (
+        Lora,
+        FullFinetune,
+        LoraGA,
+        LoraGAPeft,
+        Pissa,
+        Dora,
+        RsLora,
+        LoraPlus,
+        AdaLora,
+        Liera,
+        PissaLiera,
+        DoraLiera,
+    )
 }
-ALIASES = {"liera": "lierra"}  # the paper's own spelling
+# the paper's own spelling, and the "+LieRA" rows' names
+ALIASES = {"liera": "lierra", "pissa_liera": "pissa_lierra", "dora_liera": "dora_lierra"}
 
 
 def get_variant(name: str) -> type[Variant]:

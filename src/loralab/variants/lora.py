@@ -1,5 +1,8 @@
 """LoRA through PEFT: W = W0 + s·B·A, A Kaiming-uniform, B zero, s = α/r (α/√r with rsLoRA).
 
+Conv2d targets use loralib's kernel layout by default (`conv_layout: loralib`, `conv_lora.py`: depthwise and
+grouped convolutions included, exact merge); `conv_layout: peft` keeps PEFT's own conv LoRA.
+
 The PEFT baselines (PiSSA, DoRA, rsLoRA, LoRA+, AdaLoRA, PEFT's LoRA-GA) are small subclasses in
 `peft_baselines.py`; LoRA-GA's official form in `loraga.py`.
 """
@@ -14,8 +17,9 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from loralab.config import VariantConfig
+from loralab.config import ConfigError, VariantConfig
 from loralab.variants.base import Variant, cpu_copy
+from loralab.variants.conv_lora import CONV_LAYOUTS, register_layout, save_adapter_layout
 
 PEFT_PREFIX = "base_model.model."
 
@@ -25,6 +29,7 @@ class LoraVariantConfig(VariantConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
+    conv_layout: str = "loralib"  # Conv2d adapters: loralib (B·A over the unrolled kernel) | peft (conv A, 1x1 B)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -40,8 +45,14 @@ class Lora(Variant):
     name = "lora"
     config_class = LoraVariantConfig
 
+    def __init__(self, cfg: LoraVariantConfig, rank: int):
+        super().__init__(cfg, rank)
+        layout = getattr(cfg, "conv_layout", "peft")
+        if layout not in CONV_LAYOUTS:
+            raise ConfigError(f"variant.conv_layout={layout!r} is not supported; choose one of {list(CONV_LAYOUTS)}")
+
     def peft_config(self, targets: list[str], head_modules: list[str], ctx) -> LoraConfig:
-        return LoraConfig(
+        config = LoraConfig(
             r=self.rank,
             lora_alpha=self.cfg.alpha,
             lora_dropout=self.cfg.dropout,
@@ -49,6 +60,7 @@ class Lora(Variant):
             target_modules=targets,  # full names, already checked against the model
             modules_to_save=list(head_modules) or None,
         )
+        return register_layout(config, self.cfg.conv_layout)
 
     def prepare(self, model, targets, head_modules, ctx=None):
         model = get_peft_model(model, self.peft_config(targets, head_modules, ctx))
@@ -75,3 +87,4 @@ class Lora(Variant):
 
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))  # adapter_model.safetensors + adapter_config.json, PEFT's format
+        save_adapter_layout(out_dir, self.cfg.conv_layout)  # conv_lora.load_lora_adapter reads it
