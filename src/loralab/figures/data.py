@@ -28,6 +28,9 @@ DISPLAY = {
     "rslora": "rsLoRA",
     "lora_plus": "LoRA+",
     "adalora": "AdaLoRA",
+    "adalora_static": "AdaLoRA (static ranks)",
+    "pissa_lierra": "PiSSA+LieRA",
+    "dora_lierra": "DoRA+LieRA",
 }
 TARGET_SETS = {"q": "Wq", "qv": "Wq,Wv", "qkvo": "Wq,Wk,Wv,Wo"}
 SETUP = ["experiment", "model", "task"]  # one figure set per (model, task) of an experiment
