@@ -86,57 +86,61 @@ def test_primary_metric_conventions_and_bad_input():
 # ---------------------------------------------------------------- GSM8K
 
 GSM8K_CASES = [
-    # (completion, default extraction, strict LoRA-GA extraction)
-    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", "72", "72"),
-    ("In May she sold 48 / 2 = 24 clips, so 48 + 24 = 72 in total.\nThe answer is: 72", "72", None),
-    ("Total minutes: 18 * 60 = 1,080.\n#### 1,080", "1080", "1"),
-    ("#### 72\n\nQ: Tom has 3 apples and buys 2 more. How many?\nA: 3 + 2 = 5\n#### 5", "72", "72"),
-    ("Profit is 2,000 - 765.50 = $1,234.50\n#### $1,234.50", "1234.50", None),
-    ("The temperature drops 5 degrees from 2, so it is 2 - 5 = -3.\n#### -3", "-3", None),
-    ("It takes 5 / 2 = 2.5 hours.\n#### 2.5 hours", "2.5", "2"),
-    ("Each child gets 3 of the 4 slices.\nThe answer is: 3/4", "3/4", None),
-    ("She has 5 apples and buys 7 more, so she has 12 apples.", None, None),  # no marker: no last-number guess
+    # (completion, LoRA-GA's strict extraction, lm-eval's flexible-extract before normalisation)
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", 72, "72"),
+    ("In May she sold 48 / 2 = 24 clips, so 48 + 24 = 72 in total.\nThe answer is: 72", None, "72"),
+    ("Total minutes: 18 * 60 = 1,080.\n#### 1,080", 1, "1,080"),  # official: digits only
+    ("Profit is 2,000 - 765.50 = $1,234.50\n#### $1,234.50", None, "$1,234.50"),
+    ("The temperature drops 5 degrees from 2, so it is 2 - 5 = -3.\n#### -3", None, "-3"),
+    ("It takes 5 / 2 = 2.5 hours.\n#### 2.5 hours", 2, "2.5"),
+    ("She has 5 apples and buys 7 more, so she has 12 apples.", None, "12"),  # flexible: the last number
     ("#### eighteen", None, None),
-    ("So the answer is 18 dollars.\n#### 18.", "18", "18"),
-    ("the answer is 42", "42", None),
-    ("The answer is: 5\n#### 7", "7", "7"),  # "####" wins over the MetaMath line
-    ("#### \n 250", "250", "250"),
+    ("So the answer is 18 dollars.\n#### 18.", 18, "18."),
+    ("#### 72\n\nQ: Tom has 3 apples and buys 2 more. How many?\nA: 3 + 2 = 5\n#### 5", 72, "5"),  # first vs last
+    ("x = 3, y = 4", None, "4"),
+    ("#### \n 250", 250, "250"),
 ]
 
 
-@pytest.mark.parametrize(("completion", "default", "strict"), GSM8K_CASES)
-def test_gsm8k_extraction_table(completion, default, strict):
-    assert gsm8k.extract_answer(completion) == default
-    assert gsm8k.extract_answer(completion, strict=True) == strict
+@pytest.mark.parametrize(("completion", "strict", "flexible"), GSM8K_CASES)
+def test_gsm8k_strict_and_flexible_extraction(completion, strict, flexible):
+    assert gsm8k.strict_answer(completion) == strict
+    assert gsm8k.flexible_answer(completion) == flexible
 
 
-def test_gsm8k_reference_and_equality():
-    field = "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10.\n#### 10"
-    assert gsm8k.reference_answer(field) == "10"
-    assert gsm8k.reference_answer("... = 1,080 minutes\n#### 1,080") == "1080"
-    with pytest.raises(ValueError):
-        gsm8k.reference_answer("no final answer line")
-    assert gsm8k.is_correct("72.0", "72") and gsm8k.is_correct("0.1", "1/10")
-    assert gsm8k.is_correct("72.0000001", "72")  # within the 1e-6 tolerance
-    assert not gsm8k.is_correct("72.00001", "72")
-    assert not gsm8k.is_correct(None, "72") and not gsm8k.is_correct("seventy", "72")
-    assert not gsm8k.is_correct("-3", "3")
+def test_gsm8k_correctness_rules_and_prompts():
+    ref = "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10.\n#### 10"
+    assert gsm8k.strict_correct("so $10.\n#### 10", ref) and gsm8k.flexible_correct("so $10.\n#### 10", ref)
+    assert not gsm8k.strict_correct("The answer is 10", ref) and gsm8k.flexible_correct("The answer is $10.", ref)
+    thousands = "18 * 60 = 1,080 minutes\n#### 1080"
+    assert gsm8k.flexible_correct("That is 1,080.", thousands) and not gsm8k.strict_correct("#### 1,080", thousands)
+    assert not gsm8k.flexible_correct("#### 10.0", ref)  # lm-eval compares strings, not numbers
+    # the official quirk: a completion without "#### <digits>" reads as 0 and so matches a reference of 0
+    assert gsm8k.strict_correct("I cannot tell.", "0 - 0 = 0\n#### 0")
+    assert not gsm8k.flexible_correct("I cannot tell.", "0 - 0 = 0\n#### 0")
     assert gsm8k.prompt("How many?") == "Q: How many?\nA: "
+    assert gsm8k.eval_prompt("How many?") == "Q: How many?\nA:  "  # official model_inference: input_text + " "
     assert gsm8k.metamath_target("x = 3\n#### 3\nThe answer is: 3") == "x = 3\n#### 3"
 
 
-def test_gsm8k_accuracy_counts():
-    completions = [case[0] for case in GSM8K_CASES[:5]]
-    refs = ["...\n#### 72", "72", "#### 1,080", "5", "1234.5"]  # raw answer fields and bare numbers mixed
-    out = gsm8k.gsm8k_accuracy(completions, refs)
-    assert out["correct"] == [True, True, True, False, True]
-    assert out["accuracy"] == pytest.approx(0.8) and out["n"] == 5 and out["n_correct"] == 4
-    assert out["extracted"][2] == "1080" and out["references"][2] == "1080"
-    strict = gsm8k.gsm8k_accuracy(completions, refs, strict=True)
-    assert strict["correct"] == [True, False, False, False, False]  # digits-only rule misses 1,080 and $1,234.50
-    assert strict["n_no_answer"] == 2
+def test_gsm8k_scores_and_headline():
+    completions = [case[0] for case in GSM8K_CASES[:6]]
+    refs = ["...\n#### 72", "...\n#### 72", "...\n#### 1080", "...\n#### 1234.50", "...\n#### -3", "#### 5"]
+    out = gsm8k.gsm8k_scores(completions, refs)
+    # strict: "#### -3" reads as 0 on both sides (the official digits-only regex), so it counts as correct
+    assert out["strict"] == [True, False, False, False, True, False]
+    assert out["flexible"] == [True, True, True, True, True, False]
+    assert out["strict_match"] == pytest.approx(2 / 6) and out["flexible_extract"] == pytest.approx(5 / 6)
+    assert out["n"] == 6 and out["n_no_answer"] == 3
+    metrics = gsm8k.gsm8k_metrics(completions, refs)
+    assert metrics["accuracy"] == metrics["strict_match"]  # the official rule is the headline
+    assert gsm8k.gsm8k_metrics(completions, refs, "flexible")["accuracy"] == metrics["flexible_extract"]
+    with pytest.raises(ValueError, match="headline"):
+        gsm8k.gsm8k_metrics(completions, refs, "lenient")
+    with pytest.raises(ValueError, match="####"):
+        gsm8k.gsm8k_scores(["#### 1"], ["no final answer line"])
     with pytest.raises(ValueError):
-        gsm8k.gsm8k_accuracy(completions, refs[:-1])
+        gsm8k.gsm8k_scores(completions, refs[:-1])
 
 
 # ---------------------------------------------------------------- commonsense

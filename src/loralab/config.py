@@ -102,6 +102,9 @@ class TaskConfig:
     labels: list[str] = field(default_factory=list)  # class names in the dataset's label order; one: regression
     label_words: list[str] = field(default_factory=list)  # text2text: the target word of each label
     label_scoring: str = "first_token"  # text2text: first_token (the official LoRA-GA metric) | sequence
+    # text2text training targets padded to the batch's longest: train = the pad positions are trained on (official
+    # LoRA-GA SeqToSeqEncode, ignore_masked_token=False, with the target mask as decoder_attention_mask) | ignore (-100)
+    target_padding: str = "train"
     prompt: str | None = None  # text2text / causal_lm: the input template (str.format over the example)
     max_length: int = 64  # tokens, text tasks
     image_size: int = 224  # image tasks: side of the square input (VTAB), or the shorter side (COCO)
@@ -209,6 +212,7 @@ CHOICES = {
     "model.source": ("hf", "package", "config", "digits_0to4"),
     "model.dtype": (None, "float32", "bfloat16", "float16"),
     "task.label_scoring": ("first_token", "sequence"),
+    "task.target_padding": ("train", "ignore"),
     "train.precision": ("no", "fp16", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "logger.mode": ("offline", "online", "disabled"),

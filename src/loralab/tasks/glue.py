@@ -128,7 +128,7 @@ def text2text_task(cfg: TaskConfig, tokenizer, rows, digest: str) -> TaskData:
         ]
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
-    train_collate = lambda batch: collate([{k: v for k, v in e.items() if k != "class_id"} for e in batch])
+    train_collate = target_collate(cfg, collate, tokenizer.pad_token_id)
     train, val, test = rows
     return TaskData(
         train=encode(train),
@@ -140,6 +140,21 @@ def text2text_task(cfg: TaskConfig, tokenizer, rows, digest: str) -> TaskData:
         evaluate=label_word_evaluator(cfg, collate, words),
         metric=primary_metric(cfg.subset, convention="loraga"),  # the paper's T5 table: accuracy everywhere
     )
+
+
+def target_collate(cfg: TaskConfig, collate, pad_id: int):
+    """Training batches. target_padding=train (official): the targets are padded with the pad token and trained on
+    there too, the target mask passed as decoder_attention_mask, as LoRA-GA's SeqToSeqEncode does; ignore: -100."""
+
+    def train_collate(batch: list[dict]) -> dict:
+        out = collate([{k: v for k, v in e.items() if k != "class_id"} for e in batch])
+        if cfg.target_padding == "train":
+            real = out["labels"] != -100
+            out["labels"] = out["labels"].masked_fill(~real, pad_id)
+            out["decoder_attention_mask"] = real.long()
+        return out
+
+    return train_collate
 
 
 def label_word_evaluator(cfg: TaskConfig, collate, words: list[list[int]]):

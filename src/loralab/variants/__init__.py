@@ -18,7 +18,8 @@ from loralab.variants.peft_baselines import AdaLora, Dora, LoraGAPeft, LoraPlus,
 VARIANTS: dict[str, type[Variant]] = {
     cls.name: cls for cls in (Lora, FullFinetune, LoraGA, LoraGAPeft, Pissa, Dora, RsLora, LoraPlus, AdaLora, Liera)
 }
-ALIASES = {"liera": "lierra"}  # the paper's own spelling
+# config names that select another variant's class: the paper's spelling of LieRA; AdaLoRA with static ranks
+ALIASES = {"liera": "lierra", "adalora_static": "adalora"}
 
 
 def get_variant(name: str) -> type[Variant]:

@@ -13,6 +13,7 @@ separate variant `loraga_peft`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from loralab.variants.lora import PEFT_PREFIX, Lora, LoraVariantConfig, lora_lay
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 SCALES = ("stable", "gd", "unit", "weightS")
+GRAD_SAMPLES = ("first", "shuffled")
 
 
 @dataclass
@@ -39,6 +41,9 @@ class LoraGAVariantConfig(LoraVariantConfig):
     stable_gamma: float = 16.0
     grad_batches: int = 8  # the paper code: 8 micro-batches of 1 example (their PEFT fork: 64 of 2)
     grad_batch_size: int = 1
+    # which training rows: first = the first grad_batches × grad_batch_size in file order, the same for every seed
+    # (official: run_exp.py's train_set.select(range(bsz * iters)), unshuffled); shuffled = drawn by the run seed
+    grad_sample: str = "first"
     # safetensors file: loaded if it exists, else written after estimation. Where the estimate is kept, not what it
     # is (the same batches give the same estimate), so not part of the run's identity
     grad_cache: str | None = outside_identity(None)
@@ -67,6 +72,15 @@ def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, rank: int, scaling:
     return (A * factor).contiguous(), (B * factor).contiguous()
 
 
+def gradient_batches(cfg: LoraGAVariantConfig, ctx) -> Iterator[dict]:
+    """The micro-batches of the gradient estimate, as `cfg.grad_sample` says (see LoraGAVariantConfig)."""
+    if ctx is None or ctx.train_batches is None:
+        raise ConfigError("LoRA-GA needs training batches to estimate gradients (PrepareContext.train_batches)")
+    if cfg.grad_sample == "first" and ctx.first_batches is not None:
+        return ctx.first_batches(cfg.grad_batch_size)
+    return ctx.train_batches(cfg.grad_batch_size)
+
+
 class LoraGA(Lora):
     name = "loraga"
     config_class = LoraGAVariantConfig
@@ -77,6 +91,8 @@ class LoraGA(Lora):
             raise ConfigError(f"variant.direction={cfg.direction!r}; choose one of {list(DIRECTIONS)}")
         if cfg.scale not in SCALES:
             raise ConfigError(f"variant.scale={cfg.scale!r}; choose one of {list(SCALES)}")
+        if cfg.grad_sample not in GRAD_SAMPLES:
+            raise ConfigError(f"variant.grad_sample={cfg.grad_sample!r}; choose one of {list(GRAD_SAMPLES)}")
         if cfg.grad_batches <= 0 or cfg.grad_batch_size <= 0:
             raise ConfigError(f"variant.grad_batches={cfg.grad_batches} and grad_batch_size must be positive")
 
@@ -90,9 +106,7 @@ class LoraGA(Lora):
             if set(grads) != set(targets):
                 raise ConfigError(f"variant.grad_cache={cache} holds gradients of other layers than {targets[:3]}...")
             return grads
-        if ctx is None or ctx.train_batches is None:
-            raise ConfigError("LoRA-GA needs training batches to estimate gradients (PrepareContext.train_batches)")
-        grads = estimate_gradients(model, targets, ctx.train_batches(self.cfg.grad_batch_size), self.cfg.grad_batches)
+        grads = estimate_gradients(model, targets, gradient_batches(self.cfg, ctx), self.cfg.grad_batches)
         if cache is not None:
             with atomic_path(cache, suffix=".safetensors") as tmp:
                 save_file({k: v.contiguous() for k, v in grads.items()}, str(tmp))
