@@ -64,7 +64,7 @@ def test_every_preset_defines_its_sweep():
             "rslora",
             "lora_plus",
             "dora",
-            "adalora",
+            "adalora_static",
             "loraga",
         ]
         assert params.task.split(",") == ["glue_mnli", "glue_sst2", "glue_cola", "glue_qnli", "glue_mrpc"]

