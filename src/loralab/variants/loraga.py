@@ -124,8 +124,11 @@ class LoraGA(Lora):
                 # fp32 as the official code (fp64 models stay fp64)
                 high = torch.promote_types(weight.dtype, torch.float32)
                 weight.data = (weight.to(high) - s * (B0.to(high) @ A0.to(high))).to(weight.dtype)
-                layer.lora_A["default"].weight.data = A0.to(weight.dtype)
-                layer.lora_B["default"].weight.data = B0.to(weight.dtype)
+                # the adapter keeps PEFT's dtype (fp32 beside a bf16 / fp16 base: autocast_adapter_dtype), as the
+                # official code casts A0, B0 to fp32 (reproduce/conf/init/gradient.yaml: dtype fp32)
+                adapter = layer.lora_A["default"].weight.dtype
+                layer.lora_A["default"].weight.data = A0.to(adapter)
+                layer.lora_B["default"].weight.data = B0.to(adapter)
                 # copies of what the adapter holds (it trains in place), for ΔW and the rank-2r export
                 self.factors_init[name] = (
                     cpu_copy(layer.lora_A["default"].weight),
