@@ -482,5 +482,7 @@ def test_execution_limit_excludes_start_up_and_is_reported_as_timeout():
     assert slow.status == "passed"
     looping = run_program("while True:\n    pass\n", timeout_s=20, exec_timeout_s=1.0)
     assert looping.status == "timeout" and looping.duration_s < 10
-    caught = run_program("try:\n    while True:\n        pass\nexcept BaseException:\n    pass\n", 20, exec_timeout_s=1.0)
+    caught = run_program(
+        "try:\n    while True:\n        pass\nexcept BaseException:\n    pass\n", 20, exec_timeout_s=1.0
+    )
     assert caught.status == "timeout"  # the limit is not an exception the program can swallow

@@ -43,6 +43,9 @@ def test_loraga_glue_t5_prints_the_paper_settings(tmp_path):
         "kind: text2text",
         "rank: 8",
         "alpha: 16",
+        "precision: 'no'",  # fp32, as the official T5 runs
+        "target_padding: train",
+        "grad_sample: first",
     ]:
         assert line in out.stdout, line
 

@@ -1,5 +1,6 @@
-"""LoRA-GA presets against the official protocol (issue 14): the README protocol tables checked against the composed
-configs, AdaLoRA's static and reallocating schedules (also under DDP), the first-N gradient sample, T5 target padding."""
+"""LoRA-GA presets against the official protocol (issue 14): the README protocol tables checked against the
+composed configs, AdaLoRA's static and reallocating schedules (also under DDP), the first-N gradient sample, T5
+target padding."""
 
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def protocol_rows(readme: Path) -> dict[str, dict[str, str]]:
 
 
 def _compose_values(compose, preset: str, task: str | None = None, variant: str | None = None) -> dict:
-    overrides = [f"experiment={preset}"] + ([f"task={task}"] if task else []) + ([f"variant={variant}"] if variant else [])
+    overrides = (
+        [f"experiment={preset}"] + ([f"task={task}"] if task else []) + ([f"variant={variant}"] if variant else [])
+    )
     return compose(*overrides)
 
 
@@ -144,9 +147,7 @@ def _llama_values(compose) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize(
-    ("preset", "values"), [("loraga_glue_t5", _glue_t5_values), ("loraga_llama", _llama_values)]
-)
+@pytest.mark.parametrize(("preset", "values"), [("loraga_glue_t5", _glue_t5_values), ("loraga_llama", _llama_values)])
 def test_protocol_table_matches_the_composed_config(preset, values, compose_cfg):
     rows = protocol_rows(ROOT / "experiments" / preset / "README.md")
     expected = values(compose_cfg)
@@ -335,7 +336,9 @@ def test_t5_target_padding(padding, compose_cfg, tmp_path):
     counted = batch["labels"] != -100
     by_hand = -logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)[counted].mean()
     assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
-    assert int(counted.sum()) == (len(examples) * longest if padding == "train" else sum(len(e["labels"]) for e in examples))
+    assert int(counted.sum()) == (
+        len(examples) * longest if padding == "train" else sum(len(e["labels"]) for e in examples)
+    )
 
 
 def test_bad_target_padding_is_refused(compose_cfg):

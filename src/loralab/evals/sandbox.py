@@ -59,8 +59,8 @@ class SandboxResult:
     """One execution. `status`: passed | failed | timeout | error.
 
     failed: did not run to its end (an exception, an early exit, a CPU/memory/file limit, a signal); timeout: the
-    wall-clock limit or the execution limit ran out; error: the sandbox could not start. `returncode` is the interpreter's, or `unshare`'s with a
-    pid namespace (which reports a child killed by a signal as 1).
+    wall-clock limit or the execution limit ran out; error: the sandbox could not start. `returncode` is the
+    interpreter's, or `unshare`'s with a pid namespace (which reports a child killed by a signal as 1).
     """
 
     passed: bool

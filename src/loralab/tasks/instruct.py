@@ -156,7 +156,8 @@ def benchmark_items(cfg: TaskConfig) -> list[dict]:
             questions = mtbench.load_mtbench_questions(hub or local)
             # + " ": the first turn in the training format (x + " " + y), as the GSM8K and HumanEval prompts
             rows = [
-                {"set": name, "prompt": ALPACA.format(instruction=q["turns"][0]) + " ", "question": q} for q in questions
+                {"set": name, "prompt": ALPACA.format(instruction=q["turns"][0]) + " ", "question": q}
+                for q in questions
             ]
         else:  # commonsense: LLM-Adapters' dataset/<dir>/test.json
             root = cfg.eval_data.get("commonsense")
