@@ -54,41 +54,43 @@ def _compose_values(compose, preset: str, task: str | None = None, variant: str 
     return compose(*overrides)
 
 
-def _lr(cfg) -> str:
-    return f"{cfg.train.lr:g}"
-
-
-def _glue_t5_values(compose) -> dict[str, str]:
-    cfg = _compose_values(compose, "loraga_glue_t5")
-    sweep_variants = "full,lora,pissa,rslora,lora_plus,dora,adalora_static,loraga"
-    lrs = {v: _lr(_compose_values(compose, "loraga_glue_t5", variant=v)) for v in sweep_variants.split(",")}
-    adalora = _compose_values(compose, "loraga_glue_t5", variant="adalora_static").variant
-    loraga = cfg.variant
-    tasks = [_compose_values(compose, "loraga_glue_t5", task=f"glue_{t}").task for t in ("mnli", "sst2", "cola")]
+def _shared_values(compose, preset: str) -> tuple[dict[str, str], object]:
+    """The rows both LoRA-GA presets have, from the composed config (and its sweep); returns them and the config."""
+    cfg, sweep = _compose_values(compose, preset), cfg_sweep(compose, preset)
+    per_variant = {v: _compose_values(compose, preset, variant=v) for v in sweep["variant"].split(",")}
+    loraga, adalora = cfg.variant, per_variant["adalora_static"].variant
     return {
         "model": cfg.model.path,
         "targets": ", ".join(cfg.model.target_sets[cfg.targets]),
-        "rank": str(cfg.rank),
         "α": f"{loraga.alpha:g}",
         "scaling (LoRA-GA)": "rsLoRA α/√r" if loraga.use_rslora else "α/r",
-        "lr per variant": ", ".join(sorted(set(lrs.values()))),
+        "lr per variant": ", ".join(sorted({f"{c.train.lr:g}" for c in per_variant.values()})),
         "batch": f"{cfg.train.batch_size} x {cfg.train.grad_accum}",
         "epochs / steps": f"{cfg.train.epochs:g} epoch",
         "warmup": f"{cfg.train.warmup_ratio:g}",
         "schedule": cfg.train.scheduler,
         "weight decay": f"{cfg.train.weight_decay:g}",
+        "LoRA-GA gradient sample": f"{loraga.grad_sample} {loraga.grad_batches} x {loraga.grad_batch_size}",
+        "AdaLoRA": f"{adalora.schedule}, init_r {math.ceil(adalora.init_rank_ratio * 8)}",  # at r=8
+        "variants": sweep["variant"],
+    }, cfg
+
+
+def _glue_t5_values(compose) -> dict[str, str]:
+    shared, cfg = _shared_values(compose, "loraga_glue_t5")
+    loraga = cfg.variant
+    tasks = [_compose_values(compose, "loraga_glue_t5", task=f"glue_{t}").task for t in ("mnli", "sst2")]
+    return shared | {
+        "rank": str(cfg.rank),
         "precision": {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision],
         "max length": str(cfg.task.max_length),
         "target padding": cfg.task.target_padding,
-        "LoRA-GA gradient sample": f"{loraga.grad_sample} {loraga.grad_batches} x {loraga.grad_batch_size}",
         "LoRA-GA init": f"{loraga.direction}, {loraga.scale} γ={loraga.stable_gamma:g}",
-        "AdaLoRA": f"{adalora.schedule}, init_r {math.ceil(adalora.init_rank_ratio * cfg.rank)}",
         "validation & checkpoint selection": f"n_val {cfg.task.n_val}, final model",
         "metric": f"{cfg.task.label_scoring} label-word accuracy",
         "data": f"{tasks[0].train_split} ({'all rows' if tasks[0].n_train is None else tasks[0].n_train}) -> "
         f"{tasks[0].test_split}, {tasks[1].test_split}",
         "seeds": cfg_sweep(compose, "loraga_glue_t5")["seed"],
-        "variants": cfg_sweep(compose, "loraga_glue_t5")["variant"],
     }
 
 
@@ -107,30 +109,15 @@ def cfg_sweep(compose, preset: str) -> dict[str, str]:
 
 
 def _llama_values(compose) -> dict[str, str]:
-    cfg = _compose_values(compose, "loraga_llama")
-    sweep = cfg_sweep(compose, "loraga_llama")
-    lrs = {v: _lr(_compose_values(compose, "loraga_llama", variant=v)) for v in sweep["variant"].split(",")}
-    loraga, adalora = cfg.variant, _compose_values(compose, "loraga_llama", variant="adalora_static").variant
+    shared, cfg = _shared_values(compose, "loraga_llama")
     gsm = cfg.task
     code = _compose_values(compose, "loraga_llama", task="codefeedback_humaneval").task
     chat = _compose_values(compose, "loraga_llama", task="wizardlm_mtbench").task
-    return {
-        "model": cfg.model.path,
-        "targets": ", ".join(cfg.model.target_sets[cfg.targets]),
-        "rank": sweep["rank"],
-        "α": f"{loraga.alpha:g}",
-        "scaling (LoRA-GA)": "rsLoRA α/√r" if loraga.use_rslora else "α/r",
-        "lr per variant": ", ".join(sorted(set(lrs.values()))),
-        "batch": f"{cfg.train.batch_size} x {cfg.train.grad_accum}",
-        "epochs / steps": f"{cfg.train.epochs:g} epoch",
-        "warmup": f"{cfg.train.warmup_ratio:g}",
-        "schedule": cfg.train.scheduler,
-        "weight decay": f"{cfg.train.weight_decay:g}",
+    return shared | {
+        "rank": cfg_sweep(compose, "loraga_llama")["rank"],
         "precision": f"{cfg.model.dtype} + {cfg.train.precision}",
         "max length": f"{gsm.max_length}, {code.max_length}, {chat.max_length}",
         "data filtering": f"n_train {gsm.n_train}, {code.n_train}, {chat.n_train}",
-        "LoRA-GA gradient sample": f"{loraga.grad_sample} {loraga.grad_batches} x {loraga.grad_batch_size}",
-        "AdaLoRA": f"{adalora.schedule}, init_r {math.ceil(adalora.init_rank_ratio * 8)} at r=8",
         "validation & checkpoint selection": f"n_val {gsm.n_val}, final model",
         "decoding GSM8K": "greedy" if not gsm.generation.do_sample else "sampled",
         "decoding MT-bench": "greedy" if not chat.generation.do_sample else "sampled",
@@ -143,7 +130,6 @@ def _llama_values(compose) -> dict[str, str]:
         "metric HumanEval": f"pass@1, {code.code_extraction} post-processing, {code.sandbox_timeout_s:g} s",
         "metric MT-bench": f"judge {chat.judge.model}, both turns",
         "seeds": str(cfg.seed),
-        "variants": sweep["variant"],
     }
 
 

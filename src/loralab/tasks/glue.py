@@ -5,10 +5,13 @@ papers report dev); "val" is a seeded slice of `n_val` training examples (0: non
 selection, the final model is the one evaluated. Metrics are GLUE's official ones (`loralab.evals.metrics`).
 
 Text-to-text follows the official LoRA-GA code: input "<instruction><text>[\\n<text2>]\\nresult: ", target the
-label word. Its metric restricts the output to the label words and compares the logits of their *first tokens*
-at the first decoder step (`label_scoring: first_token`, the "soft" accuracy of LoRA-GA's compute_metrics,
-generalised from two labels to any number); `sequence` scores each word's whole token sequence instead
-(teacher-forced log-likelihood), for label words that share a first token.
+label word; training targets padded to the batch's longest are trained on at the pad positions too, with the target
+mask as decoder_attention_mask (`target_padding: train`, their SeqToSeqEncode; `ignore`: -100). Its metric restricts
+the output to the label words and compares the logits of their *first tokens* at the first decoder step
+(`label_scoring: first_token`, the "soft" accuracy of LoRA-GA's compute_metrics, generalised from two labels to any
+number by an argmax: theirs compares the true word with token id sum(label ids) - true id, which is the other word
+only for two labels); `sequence` scores each word's whole token sequence instead (teacher-forced log-likelihood), for
+label words that share a first token.
 """
 
 from __future__ import annotations
