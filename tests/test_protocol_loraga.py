@@ -4,6 +4,7 @@ target padding."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -25,6 +26,7 @@ from loralab.runner import Job, check_inputs, prepare
 from loralab.tasks import load_task
 from loralab.train import make_accelerator
 from loralab.variants import PrepareContext
+from loralab.variants.lora import lora_layers
 from loralab.variants.peft_baselines import AdaLora, AdaLoraVariantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,14 +231,14 @@ def test_adalora_reallocates_under_ddp_on_the_unwrapped_model(tmp_path):
 def _runner_job(compose_cfg, tmp_path, seed: int, sample: str, cache: Path) -> Job:
     cfg = compose_cfg(
         "model=tiny_bert",
+        "task=glue_mrpc",
+        f"task.data_dir={fixtures.glue(tmp_path, 'mrpc')}",
+        "task.max_length=32",
         "variant=loraga",
         "rank=2",
         f"seed={seed}",
         f"variant.grad_sample={sample}",
         f"variant.grad_cache={cache}",
-        "task.n_train=40",
-        "task.n_val=4",
-        "task.n_test=4",
         "train.device=cpu",
         *NO_DROPOUT,
     )
@@ -267,6 +269,13 @@ def test_gradient_sample_is_the_first_rows_in_file_order_for_every_seed(compose_
             cache = tmp_path / f"{sample}{seed}.safetensors"
             job = _runner_job(compose_cfg, tmp_path, seed, sample, cache)
             if (seed, sample) == (0, "first"):
+                # the harness's first training rows are the file's first rows (GLUE: no holdout, no subset)
+                lines = (Path(job.cfg.task.data_dir) / "train.jsonl").read_text().splitlines()
+                tokenizer = build_tokenizer(job.cfg.model)
+                for i, line in enumerate(lines[: job.cfg.variant.grad_batches]):
+                    row = json.loads(line)
+                    encoded = tokenizer(row["sentence1"], row["sentence2"], truncation=True, max_length=32)
+                    assert job.data.train[i]["input_ids"] == encoded["input_ids"]
                 fresh = build_model(job.cfg.model, job.cfg.task, str(tmp_path))
                 fresh.load_state_dict(job.model.state_dict())
                 n = job.cfg.variant.grad_batches * job.cfg.variant.grad_batch_size
@@ -332,3 +341,26 @@ def test_bad_target_padding_is_refused(compose_cfg):
 
     with pytest.raises(ConfigError, match="task.target_padding='sometimes'"):
         validate(compose_cfg("experiment=loraga_glue_t5", "task.target_padding=sometimes"))
+
+
+def test_loraga_adapters_stay_fp32_beside_a_bf16_base(compose_cfg, tmp_path):
+    """Llama runs in bf16: the official init casts A0, B0 to fp32 (init dtype fp32), as PEFT keeps every adapter
+    beside a bf16 base; only the frozen W0 − s·B0·A0 is bf16. The init stays a no-op up to bf16 rounding."""
+    cfg = compose_cfg("model=tiny_bert", "variant=loraga", "rank=2", "task.n_train=16", "task.n_test=8", *NO_DROPOUT)
+    variant, targets = check_inputs(cfg)
+    data = load_task(cfg.task, build_tokenizer(cfg.model))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.task, str(tmp_path)).to(torch.bfloat16).eval()
+    batch = data.collate(data.test)
+    with torch.no_grad():
+        before = model(**batch).logits.float()
+    ctx = PrepareContext(train_batches=lambda size: iter([data.collate(data.train[:4])] * 8))
+    model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx).eval()
+    layers = dict(lora_layers(model))
+    assert len(layers) == len(targets)
+    for layer in layers.values():
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
+        assert layer.lora_A["default"].weight.dtype == layer.lora_B["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        after = model(**batch).logits.float()
+    assert (after - before).abs().max().item() <= 2e-2 * before.abs().max().item()  # bf16 has 8 bits of mantissa
