@@ -18,11 +18,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import TINY_TEXT
 from loralab import fixtures
 from loralab.config import ConfigError
 from loralab.gradients import estimate_gradients
 from loralab.models import build_model, build_tokenizer
-from loralab.runner import Job, check_inputs, prepare
+from loralab.record import Status
+from loralab.runner import Job, check_inputs, prepare, run_job
 from loralab.tasks import load_task
 from loralab.train import make_accelerator
 from loralab.variants import PrepareContext
@@ -364,3 +366,16 @@ def test_loraga_adapters_stay_fp32_beside_a_bf16_base(compose_cfg, tmp_path):
     with torch.no_grad():
         after = model(**batch).logits.float()
     assert (after - before).abs().max().item() <= 2e-2 * before.abs().max().item()  # bf16 has 8 bits of mantissa
+
+
+def test_adalora_static_trains_through_the_runner_as_its_own_run(compose_cfg):
+    """`variant=adalora_static` is AdaLoRA (the class, the results' variant name) with schedule=static in the
+    run's identity, so it never shares a run with the reallocating `variant=adalora`."""
+    runs = {}
+    for name in ("adalora_static", "adalora"):
+        cfg = compose_cfg(*TINY_TEXT, f"variant={name}", "logger=none", "train.max_steps=4", "rank=4", "analyses=[]")
+        runs[name] = run_job(cfg)
+        assert runs[name].status == Status.COMPLETED, runs[name].error
+    static, moving = runs["adalora_static"].identity, runs["adalora"].identity
+    assert static.variant == moving.variant == "adalora" and static.hparams["variant.schedule"] == "static"
+    assert "variant.schedule" not in moving.hparams and static.key != moving.key
