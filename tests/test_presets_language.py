@@ -22,7 +22,14 @@ EXPECTED_METRICS = {
     "lora_amplification": ["test/accuracy"],
     "loraga_glue_t5": ["test/accuracy", "test/f1"],
     "liera_glue": ["test/pearson", "test/spearmanr"],
-    "loraga_llama": ["test/gsm8k_accuracy", "test/humaneval_pass@1", "test/mtbench_status", "val/loss"],
+    "loraga_llama": [
+        "test/gsm8k_accuracy",
+        "test/gsm8k_strict_match",
+        "test/gsm8k_flexible_extract",
+        "test/humaneval_pass@1",
+        "test/mtbench_status",
+        "val/loss",
+    ],
     "liera_commonsense": ["test/commonsense_avg", "test/boolq_accuracy", "val/perplexity"],
     "liera_vtab": ["test/accuracy"],
     "liera_coco": [],  # its metric names are checked in test_vision_presets
