@@ -379,3 +379,21 @@ def test_adalora_static_trains_through_the_runner_as_its_own_run(compose_cfg):
     static, moving = runs["adalora_static"].identity, runs["adalora"].identity
     assert static.variant == moving.variant == "adalora" and static.hparams["variant.schedule"] == "static"
     assert "variant.schedule" not in moving.hparams and static.key != moving.key
+
+
+def test_every_benchmark_prompt_ends_with_the_official_extra_space(compose_cfg, tmp_path):
+    """Their model_inference tokenizes `input_text + " "`: the training text x + " " + y starts the same way."""
+    from loralab.tasks.instruct import benchmark_items
+
+    cfg = compose_cfg(
+        "experiment=loraga_llama",
+        "task.eval_sets=[gsm8k,humaneval,mtbench]",
+        f"+task.eval_data.gsm8k={fixtures.gsm8k(tmp_path)}",
+        f"+task.eval_data.humaneval={fixtures.humaneval(tmp_path)}",
+        f"+task.eval_data.mtbench={fixtures.mtbench(tmp_path)}",
+    )
+    items = benchmark_items(cfg.task)
+    ends = {"gsm8k": "\nA:  ", "humaneval": "### Response:\n```python\n ", "mtbench": "### Response:\n "}
+    assert {it["set"] for it in items} == set(ends)
+    for it in items:
+        assert it["prompt"].endswith(ends[it["set"]]), (it["set"], it["prompt"][-40:])
