@@ -292,9 +292,10 @@ def test_gradient_sample_is_the_first_rows_in_file_order_for_every_seed(compose_
     assert any(not torch.equal(grads[0, "shuffled"][k], expected[k]) for k in expected)
 
 
-def test_bad_gradient_sample_is_refused(compose_cfg):
+@pytest.mark.parametrize("variant", ["loraga", "loraga_peft"])
+def test_bad_gradient_sample_is_refused(variant, compose_cfg):
     with pytest.raises(ConfigError, match="variant.grad_sample='random'"):
-        check_inputs(compose_cfg("variant=loraga", "variant.grad_sample=random"))
+        check_inputs(compose_cfg(f"variant={variant}", "variant.grad_sample=random"))
 
 
 # ---------------------------------------------------------------- T5 target padding

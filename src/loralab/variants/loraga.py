@@ -1,6 +1,7 @@
 """LoRA-GA (Wang et al. 2024) exactly as the official implementation (Outsider565/LoRA-GA) computes it.
 
-1. G = mean of ∂L/∂W0 over N training micro-batches (loralab.gradients: streamed, fp32).
+1. G = mean of ∂L/∂W0 over N training micro-batches (loralab.gradients: streamed, fp32), by default the first N
+   rows in file order whatever the seed, as their `select(range(bsz * iters))` (`grad_sample`).
 2. U, S, V = svd_lowrank(G, q=min(4r, min(G.shape)), niter=4); Vh = Vᵀ.
 3. direction ArB2r: A0 = Vh[:r], B0 = U[:, r:2r]; A2rBr: A0 = Vh[r:2r], B0 = U[:, :r];
    ArBr: A0 = Vh[1:2r:2], B0 = U[:, 0:2r:2]. No singular values are multiplied in.

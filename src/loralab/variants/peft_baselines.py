@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 from loralab.config import ConfigError
 from loralab.variants.base import cpu_copy
 from loralab.variants.lora import Lora, LoraVariantConfig, lora_layers
-from loralab.variants.loraga import LoraGAVariantConfig, gradient_batches
+from loralab.variants.loraga import GRAD_SAMPLES, LoraGAVariantConfig, gradient_batches
 
 
 @dataclass
@@ -155,6 +155,11 @@ class LoraGAPeft(Lora):
 
     name = "loraga_peft"
     config_class = LoraGAVariantConfig
+
+    def __init__(self, cfg, rank):
+        super().__init__(cfg, rank)
+        if cfg.grad_sample not in GRAD_SAMPLES:
+            raise ConfigError(f"variant.grad_sample={cfg.grad_sample!r}; choose one of {list(GRAD_SAMPLES)}")
 
     def max_rank(self, out_features, in_features):
         return min(out_features, in_features) // 2
