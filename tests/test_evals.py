@@ -1,5 +1,6 @@
-"""Evaluation helpers: GLUE metrics against hand-computed values, GSM8K and commonsense answer extraction on
-realistic generations, and MT-bench judging against a real local OpenAI-compatible HTTP server."""
+"""Evaluation helpers: GLUE metrics against hand-computed values, GSM8K (strict and flexible) and commonsense answer
+extraction on realistic generations, LoRA-GA's HumanEval post-processing, and MT-bench judging (both turns) against a
+real local OpenAI-compatible HTTP server."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from loralab.evals import commonsense, gsm8k, mtbench
+from loralab.evals import commonsense, gsm8k, humaneval, mtbench
 from loralab.evals.metrics import GLUE_METRICS, classification_metrics, glue_metrics, primary_metric
+from loralab.evals.sandbox import run_program
 
 TOL = 1e-9  # float agreement between library metrics and the closed-form values computed here
 
@@ -86,57 +88,61 @@ def test_primary_metric_conventions_and_bad_input():
 # ---------------------------------------------------------------- GSM8K
 
 GSM8K_CASES = [
-    # (completion, default extraction, strict LoRA-GA extraction)
-    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", "72", "72"),
-    ("In May she sold 48 / 2 = 24 clips, so 48 + 24 = 72 in total.\nThe answer is: 72", "72", None),
-    ("Total minutes: 18 * 60 = 1,080.\n#### 1,080", "1080", "1"),
-    ("#### 72\n\nQ: Tom has 3 apples and buys 2 more. How many?\nA: 3 + 2 = 5\n#### 5", "72", "72"),
-    ("Profit is 2,000 - 765.50 = $1,234.50\n#### $1,234.50", "1234.50", None),
-    ("The temperature drops 5 degrees from 2, so it is 2 - 5 = -3.\n#### -3", "-3", None),
-    ("It takes 5 / 2 = 2.5 hours.\n#### 2.5 hours", "2.5", "2"),
-    ("Each child gets 3 of the 4 slices.\nThe answer is: 3/4", "3/4", None),
-    ("She has 5 apples and buys 7 more, so she has 12 apples.", None, None),  # no marker: no last-number guess
+    # (completion, LoRA-GA's strict extraction, lm-eval's flexible-extract before normalisation)
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", 72, "72"),
+    ("In May she sold 48 / 2 = 24 clips, so 48 + 24 = 72 in total.\nThe answer is: 72", None, "72"),
+    ("Total minutes: 18 * 60 = 1,080.\n#### 1,080", 1, "1,080"),  # official: digits only
+    ("Profit is 2,000 - 765.50 = $1,234.50\n#### $1,234.50", None, "$1,234.50"),
+    ("The temperature drops 5 degrees from 2, so it is 2 - 5 = -3.\n#### -3", None, "-3"),
+    ("It takes 5 / 2 = 2.5 hours.\n#### 2.5 hours", 2, "2.5"),
+    ("She has 5 apples and buys 7 more, so she has 12 apples.", None, "12"),  # flexible: the last number
     ("#### eighteen", None, None),
-    ("So the answer is 18 dollars.\n#### 18.", "18", "18"),
-    ("the answer is 42", "42", None),
-    ("The answer is: 5\n#### 7", "7", "7"),  # "####" wins over the MetaMath line
-    ("#### \n 250", "250", "250"),
+    ("So the answer is 18 dollars.\n#### 18.", 18, "18."),
+    ("#### 72\n\nQ: Tom has 3 apples and buys 2 more. How many?\nA: 3 + 2 = 5\n#### 5", 72, "5"),  # first vs last
+    ("x = 3, y = 4", None, "4"),
+    ("#### \n 250", 250, "250"),
 ]
 
 
-@pytest.mark.parametrize(("completion", "default", "strict"), GSM8K_CASES)
-def test_gsm8k_extraction_table(completion, default, strict):
-    assert gsm8k.extract_answer(completion) == default
-    assert gsm8k.extract_answer(completion, strict=True) == strict
+@pytest.mark.parametrize(("completion", "strict", "flexible"), GSM8K_CASES)
+def test_gsm8k_strict_and_flexible_extraction(completion, strict, flexible):
+    assert gsm8k.strict_answer(completion) == strict
+    assert gsm8k.flexible_answer(completion) == flexible
 
 
-def test_gsm8k_reference_and_equality():
-    field = "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10.\n#### 10"
-    assert gsm8k.reference_answer(field) == "10"
-    assert gsm8k.reference_answer("... = 1,080 minutes\n#### 1,080") == "1080"
-    with pytest.raises(ValueError):
-        gsm8k.reference_answer("no final answer line")
-    assert gsm8k.is_correct("72.0", "72") and gsm8k.is_correct("0.1", "1/10")
-    assert gsm8k.is_correct("72.0000001", "72")  # within the 1e-6 tolerance
-    assert not gsm8k.is_correct("72.00001", "72")
-    assert not gsm8k.is_correct(None, "72") and not gsm8k.is_correct("seventy", "72")
-    assert not gsm8k.is_correct("-3", "3")
+def test_gsm8k_correctness_rules_and_prompts():
+    ref = "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10.\n#### 10"
+    assert gsm8k.strict_correct("so $10.\n#### 10", ref) and gsm8k.flexible_correct("so $10.\n#### 10", ref)
+    assert not gsm8k.strict_correct("The answer is 10", ref) and gsm8k.flexible_correct("The answer is $10.", ref)
+    thousands = "18 * 60 = 1,080 minutes\n#### 1080"
+    assert gsm8k.flexible_correct("That is 1,080.", thousands) and not gsm8k.strict_correct("#### 1,080", thousands)
+    assert not gsm8k.flexible_correct("#### 10.0", ref)  # lm-eval compares strings, not numbers
+    # the official quirk: a completion without "#### <digits>" reads as 0 and so matches a reference of 0
+    assert gsm8k.strict_correct("I cannot tell.", "0 - 0 = 0\n#### 0")
+    assert not gsm8k.flexible_correct("I cannot tell.", "0 - 0 = 0\n#### 0")
     assert gsm8k.prompt("How many?") == "Q: How many?\nA: "
+    assert gsm8k.eval_prompt("How many?") == "Q: How many?\nA:  "  # official model_inference: input_text + " "
     assert gsm8k.metamath_target("x = 3\n#### 3\nThe answer is: 3") == "x = 3\n#### 3"
 
 
-def test_gsm8k_accuracy_counts():
-    completions = [case[0] for case in GSM8K_CASES[:5]]
-    refs = ["...\n#### 72", "72", "#### 1,080", "5", "1234.5"]  # raw answer fields and bare numbers mixed
-    out = gsm8k.gsm8k_accuracy(completions, refs)
-    assert out["correct"] == [True, True, True, False, True]
-    assert out["accuracy"] == pytest.approx(0.8) and out["n"] == 5 and out["n_correct"] == 4
-    assert out["extracted"][2] == "1080" and out["references"][2] == "1080"
-    strict = gsm8k.gsm8k_accuracy(completions, refs, strict=True)
-    assert strict["correct"] == [True, False, False, False, False]  # digits-only rule misses 1,080 and $1,234.50
-    assert strict["n_no_answer"] == 2
+def test_gsm8k_scores_and_headline():
+    completions = [case[0] for case in GSM8K_CASES[:6]]
+    refs = ["...\n#### 72", "...\n#### 72", "...\n#### 1080", "...\n#### 1234.50", "...\n#### -3", "#### 5"]
+    out = gsm8k.gsm8k_scores(completions, refs)
+    # strict: "#### -3" reads as 0 on both sides (the official digits-only regex), so it counts as correct
+    assert out["strict"] == [True, False, False, False, True, False]
+    assert out["flexible"] == [True, True, True, True, True, False]
+    assert out["strict_match"] == pytest.approx(2 / 6) and out["flexible_extract"] == pytest.approx(5 / 6)
+    assert out["n"] == 6 and out["n_no_answer"] == 3
+    metrics = gsm8k.gsm8k_metrics(completions, refs)
+    assert metrics["accuracy"] == metrics["strict_match"]  # the official rule is the headline
+    assert gsm8k.gsm8k_metrics(completions, refs, "flexible")["accuracy"] == metrics["flexible_extract"]
+    with pytest.raises(ValueError, match="headline"):
+        gsm8k.gsm8k_metrics(completions, refs, "lenient")
+    with pytest.raises(ValueError, match="####"):
+        gsm8k.gsm8k_scores(["#### 1"], ["no final answer line"])
     with pytest.raises(ValueError):
-        gsm8k.gsm8k_accuracy(completions, refs[:-1])
+        gsm8k.gsm8k_scores(completions, refs[:-1])
 
 
 # ---------------------------------------------------------------- commonsense
@@ -351,3 +357,132 @@ def test_load_mtbench_questions_both_schemas(tmp_path):
     ]
     assert mtbench.load_mtbench_questions(h4_dir / "train.jsonl") == expected
     assert mtbench.load_mtbench_questions(h4_dir) == expected  # via `datasets`, as for a hub id
+
+
+def test_second_turn_prompt_and_judge_prompt():
+    first_prompt = "### Instruction:\nWrite a travel blog post about Hawaii.\n\n### Response:\n "
+    second = mtbench.second_turn_prompt(first_prompt, " Aloha from Maui!\n", QUESTIONS[0])
+    assert second == first_prompt + "Aloha from Maui!\n\n### Instruction:\nRewrite it.\n\n### Response:\n "
+    assert mtbench.second_turn_prompt(first_prompt, "x", dict(QUESTIONS[0], turns=["one turn"])) is None
+    system, user = mtbench.judge_prompt_second_turn(QUESTIONS[0], "Aloha!", "Shorter aloha.")
+    assert [system["role"], user["role"]] == ["system", "user"] and "second user question" in system["content"]
+    for text in ("Write a travel blog post about Hawaii.", "Aloha!", "Rewrite it.", "Shorter aloha."):
+        assert text in user["content"]
+    assert user["content"].index("Aloha!") < user["content"].index("Rewrite it.") < user["content"].index("Shorter")
+    _, math_user = mtbench.judge_prompt_second_turn(QUESTIONS[1], "42", "49")
+    assert "### Reference answer:\n42" in math_user["content"] and "### Reference answer:\n49" in math_user["content"]
+    _, code_user = mtbench.judge_prompt_second_turn(QUESTIONS[2], "s[::-1]", "strrev")  # no references
+    assert "Reference answer" not in code_user["content"]
+
+
+def test_judge_both_turns_round_trip(judge_server):
+    """Both turns reach the judge over HTTP; the score is the mean over every rated turn (FastChat's)."""
+
+    def reply(content):
+        if "Conversation with User" in content:  # a second-turn request: the whole conversation
+            return 200, "Rating: [[4]]" if "Rewrite it." in content else "No number."
+        return 200, "Rating: [[8]]"
+
+    _Judge.reply = staticmethod(reply)
+    out = mtbench.judge_answers(
+        QUESTIONS,
+        ["Aloha!", "42", "s[::-1]"],
+        endpoint=judge_server,
+        model="judge-x",
+        second_answers=["Shorter.", "49", None],  # the third question's second turn was not generated
+    )
+    assert len(_Judge.requests) == 5  # three first turns, two second turns
+    conversations = [r["body"]["messages"][1]["content"] for r in _Judge.requests[3:]]
+    assert "Aloha!" in conversations[0] and "Shorter." in conversations[0] and "49" in conversations[1]
+    assert out["ratings"] == [8.0, 8.0, 8.0] and out["ratings_turn2"] == [4.0, None, None]
+    assert out["score_turn1"] == 8.0 and out["score_turn2"] == 4.0
+    assert out["score"] == pytest.approx((3 * 8.0 + 4.0) / 4) and out["n_rated"] == 4 and out["n_unrated"] == 1
+
+
+def test_mtbench_job_sends_both_turns_to_the_judge(judge_server, tmp_path):
+    """The loraga_llama MT-bench smoke job with a judge: the tiny model answers both turns, every turn reaches the
+    local HTTP judge, the answers file holds both turns and the score is their mean."""
+    from loralab.runner import run_job
+    from loralab.smoke import compose_job, smoke_jobs
+
+    _Judge.reply = staticmethod(lambda content: (200, "Rating: [[3]]" if "Conversation" in content else "[[7]]"))
+    job = next(j for j in smoke_jobs("loraga_llama", tmp_path) if "task=wizardlm_mtbench" in j)
+    overrides = [*job, f"task.judge.endpoint={judge_server}", "task.judge.model=judge-x"]
+    record = run_job(compose_job("loraga_llama", overrides), overrides=overrides, raise_errors=True)
+    answers = [json.loads(line) for line in (tmp_path / "results" / record.run_dir / "eval" / "mtbench_answers.jsonl")
+               .read_text().splitlines()]  # fmt: skip
+    assert len(answers) == 2 and all(len(a["turns"]) == 2 for a in answers)
+    second = [r["body"]["messages"][1]["content"] for r in _Judge.requests if "Conversation" in str(r["body"])]
+    assert len(_Judge.requests) == 4 and len(second) == 2
+    for answer, request in zip(answers, second):  # the judge saw the model's own answers to both turns
+        assert answer["turns"][0].strip() in request and answer["turns"][1].strip() in request
+    assert record.metrics["test/mtbench_status"] == "judged"
+    assert record.metrics["test/mtbench_score_turn1"] == 7.0 and record.metrics["test/mtbench_score_turn2"] == 3.0
+    assert record.metrics["test/mtbench_score"] == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------- HumanEval: LoRA-GA's post-processing
+
+POST_PROCESS_CASES = [
+    # (completion, official post_process result)
+    (  # fences and the docstring go, the function moves to column 0
+        '    def add(a, b):\n        """Add two numbers."""\n        return a + b\n```\n',
+        "def add(a, b):\n    return a + b",
+    ),
+    ("def f(x):\n\tif x:\n\t\treturn 1\n\treturn 0", "def f(x):\n    if x:\n        return 1\n    return 0"),  # tabs
+    (  # two- and five-space indents become levels 1 and 2; blank lines and trailing spaces go
+        "def f(x):  \n\n  y = x\n  if y:\n     return y\n  return 0\n\n",
+        "def f(x):\n    y = x\n    if y:\n        return y\n    return 0",
+    ),
+    ("    return a + b\n", "    return a + b"),  # no def line: indents above column 0 are levels
+    (  # theirs finds the first line *containing* "def": here "undefined" sets the base indent
+        "    x = undefined_name\n  def g():\n      return 1",
+        "x = undefined_name\ndef g():\n    return 1",
+    ),
+    ("def h():\n    '''single-quoted\n    docstring'''\n    return 2", "def h():\n    return 2"),
+    ("def f():\n    return 1\n```\nThis returns 1.", "def f():\n    return 1\nThis returns 1."),  # prose stays
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize(("completion", "expected"), POST_PROCESS_CASES)
+def test_official_post_process(completion, expected):
+    assert humaneval.official_post_process(completion) == expected
+
+
+DOUBLE = {
+    "task_id": "Toy/2",
+    "prompt": 'def double(x):\n    """Twice x."""\n',
+    "canonical_solution": "    return 2 * x\n",
+    "test": "def check(candidate):\n    assert candidate(3) == 6\n",
+    "entry_point": "double",
+}
+
+
+def test_humaneval_scoring_with_official_and_first_block_extraction():
+    completions = {
+        "Toy/2": [
+            '    def double(x):\n\t\t"""Twice."""\n\t\treturn 2 * x\n```',  # passes after their post_process
+            "def double(x):\n    return 2 * x\n```\nThis doubles x.",  # the prose after the fence is kept: fails
+        ]
+    }
+    assert humaneval.solution_code(completions["Toy/2"][0], DOUBLE) == DOUBLE["prompt"] + (
+        "def double(x):\n    return 2 * x"
+    )
+    official = humaneval.score_samples([DOUBLE], completions)
+    assert official["per_task"][0]["statuses"] == ["passed", "failed"] and official["pass@1"] == 0.5
+    first_block = humaneval.score_samples([DOUBLE], completions, extraction="first_block")
+    assert first_block["per_task"][0]["statuses"][1] == "passed"
+    with pytest.raises(ValueError, match="extraction 'regex'"):
+        humaneval.solution_code("x", DOUBLE, "regex")
+
+
+def test_execution_limit_excludes_start_up_and_is_reported_as_timeout():
+    slow = run_program("import time\ntime.sleep(0.3)\n", timeout_s=20, exec_timeout_s=3.0)
+    assert slow.status == "passed"
+    looping = run_program("while True:\n    pass\n", timeout_s=20, exec_timeout_s=1.0)
+    assert looping.status == "timeout" and looping.duration_s < 10
+    caught = run_program(
+        "try:\n    while True:\n        pass\nexcept BaseException:\n    pass\n", 20, exec_timeout_s=1.0
+    )
+    assert caught.status == "timeout"  # the limit is not an exception the program can swallow

@@ -23,7 +23,14 @@ EXPECTED_METRICS = {
     "lora_amplification": ["test/accuracy"],
     "loraga_glue_t5": ["test/accuracy", "test/f1"],
     "liera_glue": ["test/pearson", "test/spearmanr"],
-    "loraga_llama": ["test/gsm8k_accuracy", "test/humaneval_pass@1", "test/mtbench_status", "val/loss"],
+    "loraga_llama": [
+        "test/gsm8k_accuracy",
+        "test/gsm8k_strict_match",
+        "test/gsm8k_flexible_extract",
+        "test/humaneval_pass@1",
+        "test/mtbench_status",
+        "val/loss",
+    ],
     "liera_commonsense": ["test/commonsense_avg", "test/boolq_accuracy", "val/perplexity"],
     "liera_vtab": ["test/accuracy"],
     "liera_coco": [],  # its metric names are checked in test_vision_presets
@@ -44,6 +51,9 @@ def test_loraga_glue_t5_prints_the_paper_settings(tmp_path):
         "kind: text2text",
         "rank: 8",
         "alpha: 16",
+        "precision: 'no'",  # fp32, as the official T5 runs
+        "target_padding: train",
+        "grad_sample: first",
     ]:
         assert line in out.stdout, line
 
@@ -65,7 +75,7 @@ def test_every_preset_defines_its_sweep():
             "rslora",
             "lora_plus",
             "dora",
-            "adalora",
+            "adalora_static",
             "loraga",
         ]
         assert params.task.split(",") == ["glue_mnli", "glue_sst2", "glue_cola", "glue_qnli", "glue_mrpc"]

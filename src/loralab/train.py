@@ -231,12 +231,13 @@ def fp32_master_weights(model) -> None:
             param.data = param.data.float()
 
 
-def device_batches(data: TaskData, batch_size: int, seed: int, device) -> Iterator[dict]:
-    """Shuffled training batches on `device`, epoch after epoch (for data-dependent initialisation)."""
-    gen = torch.Generator().manual_seed(seed)
+def device_batches(data: TaskData, batch_size: int, seed: int | None, device) -> Iterator[dict]:
+    """Training batches on `device`, epoch after epoch (for data-dependent initialisation): shuffled by `seed`, or
+    in file order with seed=None."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
     while True:
         for batch in DataLoader(
-            data.train, batch_size=batch_size, shuffle=True, collate_fn=data.collate, generator=gen
+            data.train, batch_size=batch_size, shuffle=gen is not None, collate_fn=data.collate, generator=gen
         ):
             yield send_to_device(batch, device)
 

@@ -1,38 +1,43 @@
-"""GSM8K answer handling with the semantics of the official LoRA-GA evaluation.
+"""GSM8K scoring: the official LoRA-GA rule (strict, the headline) beside lm-evaluation-harness's flexible-extract.
 
-Source read: Outsider565/LoRA-GA `reproduce/eval_gsm8k.py` and `examples/eval_gsm8k.py` (identical rule) and
-`reproduce/data.py` (`load_gsm8k`, `load_meta_math`). What they do:
+Sources read: Outsider565/LoRA-GA `reproduce/eval_gsm8k.py` (`extract_num`), `reproduce/utils.py`
+(`model_inference`), `reproduce/data.py` (`load_gsm8k`, `load_meta_math`); EleutherAI lm-evaluation-harness
+`lm_eval/tasks/gsm8k/gsm8k.yaml` (filters `strict-match` / `flexible-extract`, `exact_match` with
+`regexes_to_ignore`).
 
-* Prompt: ``"Q: {question}\\nA: "``; the model continues after it.
-* Training targets (MetaMathQA, GSM-type rows only) are the response cut before ``"\\nThe answer is:"``, so a
-  model trained that way ends its solution with GSM8K's own ``"#### 72"`` line.
-* Scoring: the first match of ``####\\s*(\\d+)`` in the generated text and in the reference, ``int()`` of it,
-  exact equality. No match scores as 0. There is no "last number in the text" fallback.
-
-The official regex takes digits only, so ``"#### 1,080"`` reads as 1, ``"#### -3"`` and ``"#### 2.5"`` do not
-parse as written, and a missing answer equals a reference of 0. `strict=True` reproduces the digits-only rule
-(but a missing answer is None, never correct); the default reads the whole number after the marker — sign,
-``$``, thousands commas, decimals, ``a/b`` fractions — and also accepts MetaMathQA's ``"The answer is: 72"`` when
-no ``####`` answer is present.
+* Prompt ``"Q: {question}\\nA: "``; at evaluation the official code tokenizes ``input_text + " "``, so the model
+  continues after ``"A:  "`` -- the same text it was trained on (``x + " " + y``). `eval_prompt` adds that space.
+* MetaMathQA targets are the response cut before ``"\\nThe answer is:"``, so a model trained that way ends its
+  solution with GSM8K's own ``"#### 72"`` line.
+* **strict** (LoRA-GA's `extract_num`, the headline): the first match of ``####\\s*(\\d+)`` in the completion and
+  in the reference, ``int()`` of it; no match reads as 0 (so a missing answer equals a reference of 0, and
+  ``"#### -3"`` or ``"#### 1,080"`` do not read as written -- kept, it is the official number).
+* **flexible** (lm-evaluation-harness's flexible-extract): the *last* match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``
+  in the completion; prediction and reference (the text after ``"#### "``) lose commas, ``$`` and a trailing
+  ``.``, are lower-cased, and must be equal as strings; no match is never correct.
+lm-evaluation-harness's own strict-match (``#### (\\-?[0-9\\.\\,]+)``) is not reported: LoRA-GA's is stricter.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from fractions import Fraction
 
-# Integer part with thousands separators only where they are well formed ("1,080", not "10,80").
-_NUMBER = r"(?P<sign>[-−+])?\s*\$?\s*(?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?)"
-_HASH = re.compile(r"####\s*" + _NUMBER)
-_ANSWER_IS = re.compile(r"the answer is\s*:?\s*" + _NUMBER, re.IGNORECASE)
-_OFFICIAL = re.compile(r"####\s*(\d+)")  # LoRA-GA's extract_num pattern
-ABS_TOL = 1e-6  # numeric equality tolerance of is_correct
+STRICT = re.compile(r"####\s*(\d+)")  # LoRA-GA's extract_num pattern
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # lm-eval's flexible-extract pattern
+# lm-eval's gsm8k exact_match: regexes_to_ignore, applied in this order, then lower-casing
+IGNORE = [re.compile(p) for p in (r",", r"\$", r"(?s).*#### ", r"\.$")]
+MODES = ("strict", "flexible")
 
 
 def prompt(question: str) -> str:
-    """The zero-shot prompt LoRA-GA uses for GSM8K and MetaMathQA."""
+    """The zero-shot prompt LoRA-GA trains and evaluates on (MetaMathQA queries and GSM8K questions)."""
     return f"Q: {question}\nA: "
+
+
+def eval_prompt(question: str) -> str:
+    """The text the model continues at evaluation: the prompt plus the space `model_inference` appends."""
+    return prompt(question) + " "
 
 
 def metamath_target(response: str) -> str:
@@ -40,73 +45,73 @@ def metamath_target(response: str) -> str:
     return response.split("\nThe answer is:")[0]
 
 
-def _clean(match: re.Match) -> str:
-    num = re.sub(r"[,\s]", "", match.group("num"))
-    return ("-" if match.group("sign") in ("-", "−") else "") + num
+def strict_answer(text: str) -> int | None:
+    """The official extraction: int of the first ``####\\s*(\\d+)``; None where it finds none (official: 0)."""
+    match = STRICT.search(text)
+    return int(match.group(1)) if match else None
 
 
-def reference_answer(answer_field: str) -> str:
-    """The number after "####" in a GSM8K `answer` field, commas removed (e.g. "...\\n#### 1,080" → "1080")."""
-    if "####" not in answer_field:
-        raise ValueError(f"GSM8K answer field has no '####' line: {answer_field[-80:]!r}")
-    match = _HASH.search(answer_field)
-    if match is None:
-        raise ValueError(f"no number after '####' in {answer_field[-80:]!r}")
-    return _clean(match)
-
-
-def extract_answer(completion: str, strict: bool = False) -> str | None:
-    """The predicted answer in a generated completion, or None when there is none.
-
-    Rule (LoRA-GA's, see module docstring): the number after the first "####" that is followed by a number.
-    Default: the full number (sign, "$", commas, decimals, fractions; commas and "$" removed); if no "####"
-    answer exists, the number after the first "The answer is" (case-insensitive, optional colon) — the
-    MetaMathQA convention. Never the last number in the text.
-    `strict=True`: exactly the official digits-only regex ``####\\s*(\\d+)``, nothing else.
-    """
-    if strict:
-        match = _OFFICIAL.search(completion)
-        return match.group(1) if match else None
-    match = _HASH.search(completion) or _ANSWER_IS.search(completion)
-    return _clean(match) if match else None
-
-
-def _to_number(text: str) -> Fraction | None:
-    try:
-        return Fraction(text.replace(",", "").replace("$", "").strip())
-    except (ValueError, ZeroDivisionError):
+def flexible_answer(completion: str) -> str | None:
+    """lm-eval's flexible-extract: the last number-like match (first non-empty group), stripped; None if none."""
+    matches = FLEXIBLE.findall(completion)
+    if not matches:
         return None
+    groups = [g for g in matches[-1] if g]
+    return groups[0].strip() if groups else None
 
 
-def is_correct(prediction: str | None, reference: str | None) -> bool:
-    """Numeric equality within ABS_TOL after normalisation; a missing or unparsable prediction is wrong."""
-    if prediction is None or reference is None:
-        return False
-    pred, ref = _to_number(prediction), _to_number(reference)
-    if pred is None or ref is None:
-        return False
-    return abs(float(pred) - float(ref)) <= ABS_TOL
+def normalise(text: str) -> str:
+    """lm-eval's exact_match normalisation of GSM8K: regexes_to_ignore removed, ignore_case."""
+    for pattern in IGNORE:
+        text = pattern.sub("", text)
+    return text.lower()
 
 
-def gsm8k_accuracy(completions: Sequence[str], references: Sequence[str], strict: bool = False) -> dict:
-    """Accuracy of `completions` against `references`.
+def strict_correct(completion: str, reference: str) -> bool:
+    # the official comparison: a missing number on either side reads as 0
+    return (strict_answer(completion) or 0) == (strict_answer(reference) or 0)
 
-    Each reference is either a raw GSM8K `answer` field (contains "####") or an already-extracted number.
-    Returns accuracy, n, n_correct, n_no_answer and per item the extracted prediction and whether it is correct.
-    """
+
+def flexible_correct(completion: str, reference: str) -> bool:
+    answer = flexible_answer(completion)
+    return answer is not None and normalise(answer) == normalise(reference)
+
+
+def gsm8k_scores(completions: Sequence[str], references: Sequence[str]) -> dict:
+    """Both scores of `completions` against GSM8K `answer` fields (the full text ending in "#### <number>").
+
+    Returns strict_match and flexible_extract accuracies, n, the strict rule's n_no_answer (completions without a
+    ``#### <digits>`` line), and per item both extracted answers and verdicts."""
     if len(completions) != len(references):
         raise ValueError(f"{len(completions)} completions but {len(references)} references")
     if not completions:
         raise ValueError("no completions to score")
-    refs = [reference_answer(r) if "####" in r else r.strip() for r in references]
-    extracted = [extract_answer(c, strict=strict) for c in completions]
-    correct = [is_correct(p, r) for p, r in zip(extracted, refs)]
+    missing = [r for r in references if "####" not in r]
+    if missing:
+        raise ValueError(f"GSM8K reference without its '####' answer line: {missing[0][-80:]!r}")
+    strict = [strict_correct(c, r) for c, r in zip(completions, references)]
+    flexible = [flexible_correct(c, r) for c, r in zip(completions, references)]
     return {
-        "accuracy": sum(correct) / len(correct),
-        "n": len(correct),
-        "n_correct": sum(correct),
-        "n_no_answer": sum(p is None for p in extracted),
-        "extracted": extracted,
-        "references": refs,
-        "correct": correct,
+        "strict_match": sum(strict) / len(strict),
+        "flexible_extract": sum(flexible) / len(flexible),
+        "n": len(strict),
+        "n_no_answer": sum(strict_answer(c) is None for c in completions),
+        "strict_answers": [strict_answer(c) for c in completions],
+        "flexible_answers": [flexible_answer(c) for c in completions],
+        "strict": strict,
+        "flexible": flexible,
+    }
+
+
+def gsm8k_metrics(completions: Sequence[str], references: Sequence[str], headline: str = "strict") -> dict:
+    """The reported GSM8K numbers: `accuracy` (the `headline` rule), strict_match, flexible_extract, n_no_answer."""
+    if headline not in MODES:
+        raise ValueError(f"GSM8K headline {headline!r}; choose one of {list(MODES)}")
+    scores = gsm8k_scores(completions, references)
+    headline_key = "strict_match" if headline == "strict" else "flexible_extract"
+    return {
+        "accuracy": scores[headline_key],
+        "strict_match": scores["strict_match"],
+        "flexible_extract": scores["flexible_extract"],
+        "n_no_answer": scores["n_no_answer"],
     }

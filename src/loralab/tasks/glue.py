@@ -5,10 +5,13 @@ papers report dev); "val" is a seeded slice of `n_val` training examples (0: non
 selection, the final model is the one evaluated. Metrics are GLUE's official ones (`loralab.evals.metrics`).
 
 Text-to-text follows the official LoRA-GA code: input "<instruction><text>[\\n<text2>]\\nresult: ", target the
-label word. Its metric restricts the output to the label words and compares the logits of their *first tokens*
-at the first decoder step (`label_scoring: first_token`, the "soft" accuracy of LoRA-GA's compute_metrics,
-generalised from two labels to any number); `sequence` scores each word's whole token sequence instead
-(teacher-forced log-likelihood), for label words that share a first token.
+label word; training targets padded to the batch's longest are trained on at the pad positions too, with the target
+mask as decoder_attention_mask (`target_padding: train`, their SeqToSeqEncode; `ignore`: -100). Its metric restricts
+the output to the label words and compares the logits of their *first tokens* at the first decoder step
+(`label_scoring: first_token`, the "soft" accuracy of LoRA-GA's compute_metrics, generalised from two labels to any
+number by an argmax: theirs compares the true word with token id sum(label ids) - true id, which is the other word
+only for two labels); `sequence` scores each word's whole token sequence instead (teacher-forced log-likelihood), for
+label words that share a first token.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def text2text_task(cfg: TaskConfig, tokenizer, rows, digest: str) -> TaskData:
         ]
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
-    train_collate = lambda batch: collate([{k: v for k, v in e.items() if k != "class_id"} for e in batch])
+    train_collate = target_collate(cfg, collate, tokenizer.pad_token_id)
     train, val, test = rows
     return TaskData(
         train=encode(train),
@@ -140,6 +143,21 @@ def text2text_task(cfg: TaskConfig, tokenizer, rows, digest: str) -> TaskData:
         evaluate=label_word_evaluator(cfg, collate, words),
         metric=primary_metric(cfg.subset, convention="loraga"),  # the paper's T5 table: accuracy everywhere
     )
+
+
+def target_collate(cfg: TaskConfig, collate, pad_id: int):
+    """Training batches. target_padding=train (official): the targets are padded with the pad token and trained on
+    there too, the target mask passed as decoder_attention_mask, as LoRA-GA's SeqToSeqEncode does; ignore: -100."""
+
+    def train_collate(batch: list[dict]) -> dict:
+        out = collate([{k: v for k, v in e.items() if k != "class_id"} for e in batch])
+        if cfg.target_padding == "train":
+            real = out["labels"] != -100
+            out["labels"] = out["labels"].masked_fill(~real, pad_id)
+            out["decoder_attention_mask"] = real.long()
+        return out
+
+    return train_collate
 
 
 def label_word_evaluator(cfg: TaskConfig, collate, words: list[list[int]]):

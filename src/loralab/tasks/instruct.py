@@ -8,7 +8,7 @@ response y), filtered, and the first `n_train` kept rows train while the next `n
 
 The test split is the benchmarks in `task.eval_sets`, all by batched generation with a KV cache (greedy unless
 `task.generation.do_sample`): GSM8K accuracy, HumanEval pass@k (programs run only in `evals.sandbox`), MT-bench
-first-turn answers (judged only through `task.judge.endpoint`; otherwise reported "not judged"), and the eight
+answers (first turn always; both turns, judged, only with `task.judge.endpoint`; otherwise "not judged"), and the eight
 commonsense tasks (LLM-Adapters' answer extraction).
 """
 
@@ -180,7 +180,7 @@ def benchmark_items(cfg: TaskConfig) -> list[dict]:
         if name == "gsm8k":
             hub, local = _source(cfg, name)
             ds = load_split(hub, "main" if hub else None, "test", local)
-            rows = [{"set": name, "prompt": gsm8k.prompt(r["question"]), "reference": r["answer"]} for r in ds]
+            rows = [{"set": name, "prompt": gsm8k.eval_prompt(r["question"]), "reference": r["answer"]} for r in ds]
         elif name == "humaneval":
             hub, local = _source(cfg, name)
             problems = humaneval.load_humaneval(hub or "openai/openai_humaneval", local)
@@ -188,7 +188,11 @@ def benchmark_items(cfg: TaskConfig) -> list[dict]:
         elif name == "mtbench":
             hub, local = _source(cfg, name)
             questions = mtbench.load_mtbench_questions(hub or local)
-            rows = [{"set": name, "prompt": ALPACA.format(instruction=q["turns"][0]), "question": q} for q in questions]
+            # + " ": the first turn in the training format (x + " " + y), as the GSM8K and HumanEval prompts
+            rows = [
+                {"set": name, "prompt": ALPACA.format(instruction=q["turns"][0]) + " ", "question": q}
+                for q in questions
+            ]
         else:  # commonsense: LLM-Adapters' dataset/<dir>/test.json
             root = cfg.eval_data.get("commonsense")
             if root is None:
@@ -255,29 +259,53 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, ctx: E
     return [texts for _, texts in sorted(gathered, key=lambda t: t[0])]
 
 
-def score(cfg: TaskConfig, name: str, items: list[dict], completions: list[list[str]], out_dir: Path | None) -> dict:
-    """One benchmark's metrics (floats, plus a status string where a number would be made up)."""
+def second_turns(model, tokenizer, cfg: TaskConfig, items: list[dict], completions: list[list[str]], ctx):
+    """MT-bench's second-turn answers (FastChat's protocol), generated only when a judge will grade them."""
+    if cfg.judge.endpoint is None:
+        return None
+    prompts = [mtbench.second_turn_prompt(it["prompt"], c[0], it["question"]) for it, c in zip(items, completions)]
+    asked = [i for i, p in enumerate(prompts) if p is not None]
+    texts = generate(model, tokenizer, [prompts[i] for i in asked], cfg.generation, ctx)
+    answers = [None] * len(items)
+    for i, t in zip(asked, texts):
+        answers[i] = t[0]
+    return answers
+
+
+def score(
+    cfg: TaskConfig,
+    name: str,
+    items: list[dict],
+    completions: list[list[str]],
+    out_dir: Path | None,
+    second: list[str | None] | None = None,
+) -> dict:
+    """One benchmark's metrics (floats, plus a status string where a number would be made up); `second`: MT-bench's
+    second-turn answers, when generated."""
     first = [c[0] for c in completions]
     if name == "gsm8k":
-        result = gsm8k.gsm8k_accuracy(first, [it["reference"] for it in items])
-        return {"accuracy": result["accuracy"]}
+        return gsm8k.gsm8k_metrics(first, [it["reference"] for it in items], cfg.gsm8k_headline)
     if name == "humaneval":
         problems = [it["problem"] for it in items]
         samples = {p["task_id"]: c for p, c in zip(problems, completions)}
         ks = [k for k in (1, 10, 100) if k <= cfg.generation.num_samples]
-        result = humaneval.score_samples(problems, samples, k=ks, timeout_s=cfg.sandbox_timeout_s)
+        result = humaneval.score_samples(
+            problems, samples, k=ks, timeout_s=cfg.sandbox_timeout_s, extraction=cfg.code_extraction
+        )
         return {f"pass@{k}": result[f"pass@{k}"] for k in ks}
     if name == "mtbench":
         questions = [it["question"] for it in items]
         if out_dir is not None:  # the answers are the product: always kept, judged or not
-            lines = [json.dumps({"question_id": q["question_id"], "turns": [a]}) for q, a in zip(questions, first)]
+            turns = [[a] + ([b] if b is not None else []) for a, b in zip(first, second or [None] * len(first))]
+            lines = [json.dumps({"question_id": q["question_id"], "turns": t}) for q, t in zip(questions, turns)]
             (out_dir / "mtbench_answers.jsonl").write_text("\n".join(lines) + "\n")
         j = cfg.judge
-        result = mtbench.judge_answers(questions, first, j.endpoint, j.model, j.api_key_env)
+        result = mtbench.judge_answers(questions, first, j.endpoint, j.model, j.api_key_env, second_answers=second)
         if out_dir is not None:
             (out_dir / "mtbench_judge.json").write_text(json.dumps(result, indent=1))
         metrics = {"status": result["status"], "n_answers": len(first)}
-        return metrics | ({"score": result["score"]} if result.get("score") is not None else {})
+        scores = ("score", "score_turn1", "score_turn2")
+        return metrics | {k: result[k] for k in scores if result.get(k) is not None}
     answers = [it["answer"] for it in items]
     return {"accuracy": commonsense.commonsense_accuracy(name, [commonsense.response_text(c) for c in first], answers)}
 
@@ -300,7 +328,9 @@ def instruct_evaluator(cfg: TaskConfig, tokenizer, collate) -> Callable:
         metrics, averaged = {}, []
         out_dir = ctx.out_dir if ctx.accelerator.is_main_process else None
         for name, idx in by_set(examples).items():
-            result = score(cfg, name, [examples[i] for i in idx], [completions[i] for i in idx], out_dir)
+            group, answers = [examples[i] for i in idx], [completions[i] for i in idx]
+            second = second_turns(model, tokenizer, cfg, group, answers, ctx) if name == "mtbench" else None
+            result = score(cfg, name, group, answers, out_dir, second)
             metrics |= {f"{name}_{k}": v for k, v in result.items()}
             if name in commonsense.COMMONSENSE_TASKS:
                 averaged.append(result["accuracy"])

@@ -32,8 +32,9 @@ VARIANTS: dict[str, type[Variant]] = {
         DoraLiera,
     )
 }
-# the paper's own spelling, and the "+LieRA" rows' names
-ALIASES = {"liera": "lierra", "pissa_liera": "pissa_lierra", "dora_liera": "dora_lierra"}
+# config names that select another variant's class: the paper's spelling of LieRA, the "+LieRA" rows' names,
+# AdaLoRA with static ranks
+ALIASES = {"liera": "lierra", "pissa_liera": "pissa_lierra", "dora_liera": "dora_lierra", "adalora_static": "adalora"}
 
 
 def get_variant(name: str) -> type[Variant]:

@@ -1,6 +1,7 @@
 """LoRA-GA (Wang et al. 2024) exactly as the official implementation (Outsider565/LoRA-GA) computes it.
 
-1. G = mean of ∂L/∂W0 over N training micro-batches (loralab.gradients: streamed, fp32).
+1. G = mean of ∂L/∂W0 over N training micro-batches (loralab.gradients: streamed, fp32), by default the first N
+   rows in file order whatever the seed, as their `select(range(bsz * iters))` (`grad_sample`).
 2. U, S, V = svd_lowrank(G, q=min(4r, min(G.shape)), niter=4); Vh = Vᵀ.
 3. direction ArB2r: A0 = Vh[:r], B0 = U[:, r:2r]; A2rBr: A0 = Vh[r:2r], B0 = U[:, :r];
    ArBr: A0 = Vh[1:2r:2], B0 = U[:, 0:2r:2]. No singular values are multiplied in.
@@ -13,6 +14,7 @@ separate variant `loraga_peft`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from loralab.variants.lora import PEFT_PREFIX, Lora, LoraVariantConfig, lora_lay
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 SCALES = ("stable", "gd", "unit", "weightS")
+GRAD_SAMPLES = ("first", "shuffled")
 
 
 @dataclass
@@ -39,6 +42,9 @@ class LoraGAVariantConfig(LoraVariantConfig):
     stable_gamma: float = 16.0
     grad_batches: int = 8  # the paper code: 8 micro-batches of 1 example (their PEFT fork: 64 of 2)
     grad_batch_size: int = 1
+    # which training rows: first = the first grad_batches × grad_batch_size in file order, the same for every seed
+    # (official: run_exp.py's train_set.select(range(bsz * iters)), unshuffled); shuffled = drawn by the run seed
+    grad_sample: str = "first"
     # safetensors file: loaded if it exists, else written after estimation. Where the estimate is kept, not what it
     # is (the same batches give the same estimate), so not part of the run's identity
     grad_cache: str | None = outside_identity(None)
@@ -67,6 +73,15 @@ def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, rank: int, scaling:
     return (A * factor).contiguous(), (B * factor).contiguous()
 
 
+def gradient_batches(cfg: LoraGAVariantConfig, ctx) -> Iterator[dict]:
+    """The micro-batches of the gradient estimate, as `cfg.grad_sample` says (see LoraGAVariantConfig)."""
+    if ctx is None or ctx.train_batches is None:
+        raise ConfigError("LoRA-GA needs training batches to estimate gradients (PrepareContext.train_batches)")
+    if cfg.grad_sample == "first" and ctx.first_batches is not None:
+        return ctx.first_batches(cfg.grad_batch_size)
+    return ctx.train_batches(cfg.grad_batch_size)
+
+
 class LoraGA(Lora):
     name = "loraga"
     config_class = LoraGAVariantConfig
@@ -77,6 +92,8 @@ class LoraGA(Lora):
             raise ConfigError(f"variant.direction={cfg.direction!r}; choose one of {list(DIRECTIONS)}")
         if cfg.scale not in SCALES:
             raise ConfigError(f"variant.scale={cfg.scale!r}; choose one of {list(SCALES)}")
+        if cfg.grad_sample not in GRAD_SAMPLES:
+            raise ConfigError(f"variant.grad_sample={cfg.grad_sample!r}; choose one of {list(GRAD_SAMPLES)}")
         if cfg.grad_batches <= 0 or cfg.grad_batch_size <= 0:
             raise ConfigError(f"variant.grad_batches={cfg.grad_batches} and grad_batch_size must be positive")
 
@@ -90,9 +107,7 @@ class LoraGA(Lora):
             if set(grads) != set(targets):
                 raise ConfigError(f"variant.grad_cache={cache} holds gradients of other layers than {targets[:3]}...")
             return grads
-        if ctx is None or ctx.train_batches is None:
-            raise ConfigError("LoRA-GA needs training batches to estimate gradients (PrepareContext.train_batches)")
-        grads = estimate_gradients(model, targets, ctx.train_batches(self.cfg.grad_batch_size), self.cfg.grad_batches)
+        grads = estimate_gradients(model, targets, gradient_batches(self.cfg, ctx), self.cfg.grad_batches)
         if cache is not None:
             with atomic_path(cache, suffix=".safetensors") as tmp:
                 save_file({k: v.contiguous() for k, v in grads.items()}, str(tmp))
@@ -110,8 +125,11 @@ class LoraGA(Lora):
                 # fp32 as the official code (fp64 models stay fp64)
                 high = torch.promote_types(weight.dtype, torch.float32)
                 weight.data = (weight.to(high) - s * (B0.to(high) @ A0.to(high))).to(weight.dtype)
-                layer.lora_A["default"].weight.data = A0.to(weight.dtype)
-                layer.lora_B["default"].weight.data = B0.to(weight.dtype)
+                # the adapter keeps PEFT's dtype (fp32 beside a bf16 / fp16 base: autocast_adapter_dtype), as the
+                # official code casts A0, B0 to fp32 (reproduce/conf/init/gradient.yaml: dtype fp32)
+                adapter = layer.lora_A["default"].weight.dtype
+                layer.lora_A["default"].weight.data = A0.to(adapter)
+                layer.lora_B["default"].weight.data = B0.to(adapter)
                 # copies of what the adapter holds (it trains in place), for ΔW and the rank-2r export
                 self.factors_init[name] = (
                     cpu_copy(layer.lora_A["default"].weight),

@@ -8,13 +8,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from peft import AdaLoraConfig
 from peft.optimizers import create_loraplus_optimizer
 from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 
+from loralab.config import ConfigError
 from loralab.variants.base import cpu_copy
 from loralab.variants.lora import Lora, LoraVariantConfig, lora_layers
-from loralab.variants.loraga import LoraGAVariantConfig
+from loralab.variants.loraga import GRAD_SAMPLES, LoraGAVariantConfig, gradient_batches
 
 
 @dataclass
@@ -89,23 +91,41 @@ class LoraPlus(Lora):
         return [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")} for g in optimizer.param_groups]
 
 
+ADALORA_SCHEDULES = ("reallocate", "static")
+
+
 @dataclass
 class AdaLoraVariantConfig(LoraVariantConfig):
-    init_rank_ratio: float = 1.5  # each layer starts at ceil(1.5·r) and the budget shrinks to r on average
-    tinit_ratio: float = 0.1  # warm-up fraction without pruning
-    tfinal_ratio: float = 0.2  # final fraction with the ranks frozen
-    delta_t: int = 10
+    # reallocate: PEFT's budget schedule (update_and_allocate after every optimizer step, the AdaLoRA paper's method);
+    # static: ranks stay at init_r, as the LoRA-GA baseline ran (their run_exp.py builds AdaLoraConfig and trains with
+    # the HF Trainer, which never calls update_and_allocate)
+    schedule: str = "reallocate"
+    init_rank_ratio: float = 1.5  # each layer starts at ceil(1.5·r) (PEFT's default init_r 12 at r=8)
+    tinit_ratio: float = 0.1  # warm-up fraction without pruning (reallocate only)
+    tfinal_ratio: float = 0.2  # final fraction with the ranks frozen (reallocate only)
+    delta_t: int = 10  # steps between reallocations (reallocate only)
     orth_reg_weight: float = 0.5
 
 
 class AdaLora(Lora):
-    """AdaLoRA: SVD-form adapters whose ranks are reallocated during training (PEFT's schedule)."""
+    """AdaLoRA: SVD-form adapters P·diag(E)·Q with an orthogonality penalty; `schedule` says whether the ranks are
+    reallocated during training (PEFT's schedule) or stay at init_r (the LoRA-GA paper's baseline)."""
 
     name = "adalora"
     config_class = AdaLoraVariantConfig
 
+    def __init__(self, cfg, rank):
+        super().__init__(cfg, rank)
+        if cfg.schedule not in ADALORA_SCHEDULES:
+            raise ConfigError(f"variant.schedule={cfg.schedule!r}; choose one of {list(ADALORA_SCHEDULES)}")
+
     def peft_config(self, targets, head_modules, ctx):
         total = ctx.total_steps if ctx is not None and ctx.total_steps else 100
+        if self.cfg.schedule == "static":  # PEFT's schedule defaults, never used: update_and_allocate is not called
+            schedule = {"tinit": 0, "tfinal": 0, "deltaT": 1}
+        else:
+            tinit, tfinal = int(self.cfg.tinit_ratio * total), int(self.cfg.tfinal_ratio * total)
+            schedule = {"tinit": tinit, "tfinal": tfinal, "deltaT": self.cfg.delta_t}
         return AdaLoraConfig(
             init_r=math.ceil(self.cfg.init_rank_ratio * self.rank),
             target_r=self.rank,
@@ -114,14 +134,16 @@ class AdaLora(Lora):
             target_modules=targets,
             modules_to_save=list(head_modules) or None,
             total_step=total,
-            tinit=int(self.cfg.tinit_ratio * total),
-            tfinal=int(self.cfg.tfinal_ratio * total),
-            deltaT=self.cfg.delta_t,
             orth_reg_weight=self.cfg.orth_reg_weight,
+            **schedule,
         )
 
     def after_optimizer_step(self, model, step):
-        model.base_model.update_and_allocate(step)
+        if self.cfg.schedule == "static":
+            return
+        # the PEFT model under a DDP / FSDP wrapper (the wrapper has no base_model); the gradients the allocator
+        # scores are already all-reduced, so every process masks the same ranks
+        extract_model_from_parallel(model).base_model.update_and_allocate(step)
 
 
 # PEFT spells the scale options differently
@@ -133,6 +155,11 @@ class LoraGAPeft(Lora):
 
     name = "loraga_peft"
     config_class = LoraGAVariantConfig
+
+    def __init__(self, cfg, rank):
+        super().__init__(cfg, rank)
+        if cfg.grad_sample not in GRAD_SAMPLES:
+            raise ConfigError(f"variant.grad_sample={cfg.grad_sample!r}; choose one of {list(GRAD_SAMPLES)}")
 
     def max_rank(self, out_features, in_features):
         return min(out_features, in_features) // 2
@@ -147,7 +174,7 @@ class LoraGAPeft(Lora):
 
     def prepare(self, model, targets, head_modules, ctx=None):
         config = self.peft_config(targets, head_modules, ctx)
-        batches = ctx.train_batches(self.cfg.grad_batch_size)
+        batches = gradient_batches(self.cfg, ctx)
 
         def train_step():
             for _, batch in zip(range(self.cfg.grad_batches), batches):
