@@ -18,7 +18,7 @@ TOL = 1e-12
 
 
 def test_every_module_loads_offline_from_its_path():
-    assert metric_modules.MODULES == ["classification", "glue", "pass_at_k"]
+    assert metric_modules.MODULES == ["classification", "glue", "gsm8k", "pass_at_k"]
     for name in metric_modules.MODULES:
         config = "mrpc" if name == "glue" else None
         module = evaluate.load(str(metric_modules.MODULES_DIR / name), config, keep_in_memory=True)
@@ -55,6 +55,14 @@ def test_pass_at_k_module_equals_the_binomial_closed_form():
         assert out[f"pass@{k}"] == pytest.approx(sum(exact) / len(exact), abs=TOL)
     with pytest.raises(ValueError, match="pass@10 needs at least 10 samples"):
         metric_modules.load("pass_at_k").compute(predictions=outcomes, k=[10])
+
+
+def test_gsm8k_module_scores_both_rules():
+    refs = ["... #### 72", "... #### 1,080", "... #### 5"]
+    preds = ["so #### 72", "The total is 1,080.", "no number here"]
+    out = metric_modules.load("gsm8k").compute(predictions=preds, references=refs)
+    # strict: first `#### <digits>`; "#### 1,080" reads 1 in the reference, so the flexible answer 1080 is needed
+    assert out == {"strict_match": 1 / 3, "flexible_extract": 2 / 3, "n_no_answer": 2}
 
 
 HUB = os.environ.get("HF_HUB_OFFLINE") != "1" and os.environ.get("LORALAB_HUB_TESTS") == "1"

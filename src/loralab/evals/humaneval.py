@@ -181,11 +181,10 @@ def score_samples(
         statuses[task_id].append(result.status)
     per_task = [{"task_id": t, "n": len(s), "passed": s.count("passed"), "statuses": s} for t, s in statuses.items()]
     n_min = min(row["n"] for row in per_task)
-    scores = {
-        f"pass@{kk}": sum(pass_at_k(row["n"], row["passed"], kk) for row in per_task) / len(per_task)
-        for kk in k
-        if kk <= n_min
-    }
+    from loralab import metric_modules  # noqa: PLC0415  (its pass_at_k module imports this one)
+
+    outcomes = [[status == "passed" for status in row["statuses"]] for row in per_task]
+    scores = metric_modules.load("pass_at_k").compute(predictions=outcomes, k=[kk for kk in k if kk <= n_min])
     return {**scores, "n_tasks": len(per_task), "per_task": per_task}
 
 

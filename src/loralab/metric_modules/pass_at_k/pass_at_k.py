@@ -3,13 +3,14 @@ execution results of n samples per problem.
 
 The hub's `code_eval` module runs the programs itself; here execution happens in loralab's sandbox
 (`loralab.evals.sandbox`) and this module only scores the outcomes, so it is safe to load anywhere. Per problem
-pass@k = 1 − C(n−c, k) / C(n, k), computed as the product form 1 − Π_{i=n−c+1..n} (1 − k/i) for numerical
-stability; the result is the mean over problems. A problem with fewer than k samples has no pass@k: an error.
+pass@k = 1 − C(n−c, k) / C(n, k) (`loralab.evals.humaneval.pass_at_k`, the product form); the result is the mean
+over problems. A problem with fewer than k samples has no pass@k: an error.
 """
 
 import datasets
 import evaluate
-import numpy as np
+
+from loralab.evals.humaneval import pass_at_k
 
 _DESCRIPTION = "Unbiased pass@k estimator over problems, from per-sample pass/fail outcomes."
 _INPUTS = """
@@ -18,12 +19,6 @@ Args:
     k: the k values (default [1]).
 Returns: {"pass@1": float, ...}, each the mean over problems.
 """
-
-
-def problem_pass_at_k(n: int, c: int, k: int) -> float:
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
@@ -42,4 +37,4 @@ class PassAtK(evaluate.Metric):
             short = [i for i, (n, _) in enumerate(counts) if n < kk]
             if short:
                 raise ValueError(f"pass@{kk} needs at least {kk} samples per problem; problems {short[:5]} have fewer")
-        return {f"pass@{kk}": float(np.mean([problem_pass_at_k(n, c, kk) for n, c in counts])) for kk in k}
+        return {f"pass@{kk}": sum(pass_at_k(n, c, kk) for n, c in counts) / len(counts) for kk in k}
