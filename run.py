@@ -10,13 +10,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from loralab.cli_help import options_text
+from loralab.cli_help import help_text
 from loralab.config import register_configs
 
 register_configs()
-OmegaConf.register_new_resolver("loralab_help", options_text)  # `--help` lists groups, variants and presets
 os.environ.setdefault("MPLBACKEND", "Agg")  # the command line draws into files (the sweep's analysis run)
 
 
@@ -76,4 +75,7 @@ def _usage_error(exc: Exception):
 
 
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]):  # ours, before Hydra composes every option to list them (cli_help)
+        print(help_text())
+        sys.exit(0)
     main()

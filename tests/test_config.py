@@ -185,3 +185,22 @@ def test_the_old_analyze_switch_is_gone(compose_cfg):
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg("analyze=false")
     assert "analyze" in str(err.value.__cause__ or err.value)
+
+
+def test_variant_schemas_are_the_variants_config_classes():
+    from loralab.variant_configs import VARIANT_CONFIGS
+
+    assert VARIANT_CONFIGS == {name: cls.config_class for name, cls in VARIANTS.items()}
+
+
+def test_composing_a_config_imports_neither_torch_nor_peft():
+    """`--help` and tab completion compose the config: the schemas must not pull in torch (seconds to import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from loralab.config import register_configs; register_configs(); "
+        "import loralab.cli_help; print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -385,7 +385,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="task", node=TaskConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
-    from loralab.variants import VARIANTS  # noqa: PLC0415  (variants register their own schemas)
+    from loralab.variant_configs import VARIANT_CONFIGS  # noqa: PLC0415  (imports this module)
 
-    for name, cls in VARIANTS.items():
-        cs.store(group="schema/variant", name=name, node=cls.config_class)
+    for name, schema in VARIANT_CONFIGS.items():
+        cs.store(group="schema/variant", name=name, node=schema)

@@ -44,7 +44,9 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-CONV_LAYOUTS = ("loralib", "peft")
+from loralab.variant_configs import ConvLayout
+
+CONV_LAYOUTS = tuple(c.value for c in ConvLayout)
 LAYOUT_FILE = "loralab_adapter.json"
 
 

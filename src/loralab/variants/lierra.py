@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,22 +47,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loralab.config import ConfigError, VariantConfig
+from loralab.config import ConfigError
 from loralab.targets import matches
+from loralab.variant_configs import LieraVariantConfig, PissaLieraVariantConfig
 from loralab.variants.base import Variant, cpu_copy
 
 ALLOWED_INITS = ("default",)
 WEIGHTS_FILE, CONFIG_FILE = "liera_adapter.safetensors", "liera_config.json"
-
-
-@dataclass
-class LieraVariantConfig(VariantConfig):
-    alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter path's input only: y = W0·x + (W − W0)·drop(x), as in the official code
-    use_rslora: bool = False
-    exact_exp: bool = False  # W0 ⊙ exp(sΔ) instead of the first-order W0 ⊙ (1 + sΔ)
-    eps: float | None = None  # ε-policy for zero weights, see the module docstring
-    init: str = "default"  # A Kaiming-uniform, B zero; additive inits (PiSSA, LoRA-GA, ...) do not apply
 
 
 # Shared maths. Δ and the weight are formed in fp32 (exp included; fp64 stays fp64 for gradcheck); only the
@@ -433,12 +423,6 @@ class Liera(Variant):
         meta |= dict(exact_exp=c.exact_exp, eps=c.eps, dropout=c.dropout, init=c.init, dora=self.dora)
         meta |= dict(targets=self.targets, head_modules=self.heads)
         (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-
-
-@dataclass
-class PissaLieraVariantConfig(LieraVariantConfig):
-    exact_exp: bool = True  # required: s·B0·A0 is O(log|W0|), far outside the first-order form's range
-    init: str = "pissa"  # exact SVD; "pissa_niter_<n>": torch.svd_lowrank with n subspace iterations
 
 
 class PissaLiera(Liera):

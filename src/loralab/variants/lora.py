@@ -9,7 +9,6 @@ The PEFT baselines (PiSSA, DoRA, rsLoRA, LoRA+, AdaLoRA, PEFT's LoRA-GA) are sma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,19 +16,12 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from loralab.config import ConfigError, VariantConfig
+from loralab.config import ConfigError
+from loralab.variant_configs import LoraVariantConfig
 from loralab.variants.base import Variant, cpu_copy
 from loralab.variants.conv_lora import CONV_LAYOUTS, register_layout, save_adapter_layout
 
 PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class LoraVariantConfig(VariantConfig):
-    alpha: float = 16.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    conv_layout: str = "loralib"  # Conv2d adapters: loralib (B·A over the unrolled kernel) | peft (conv A, 1x1 B)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:

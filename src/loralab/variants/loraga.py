@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,31 +22,14 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from loralab.config import ConfigError, outside_identity
+from loralab.config import ConfigError
 from loralab.gradients import estimate_gradients
 from loralab.io import atomic_path
+from loralab.variant_configs import Direction, GradSample, LoraGAVariantConfig, Scale
 from loralab.variants.base import cpu_copy
-from loralab.variants.lora import PEFT_PREFIX, Lora, LoraVariantConfig, lora_layers
+from loralab.variants.lora import PEFT_PREFIX, Lora, lora_layers
 
-DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
-SCALES = ("stable", "gd", "unit", "weightS")
-GRAD_SAMPLES = ("first", "shuffled")
-
-
-@dataclass
-class LoraGAVariantConfig(LoraVariantConfig):
-    use_rslora: bool = True  # the paper's LoRA-GA runs: s = α/√r, α = 16
-    direction: str = "ArB2r"
-    scale: str = "stable"
-    stable_gamma: float = 16.0
-    grad_batches: int = 8  # the paper code: 8 micro-batches of 1 example (their PEFT fork: 64 of 2)
-    grad_batch_size: int = 1
-    # which training rows: first = the first grad_batches × grad_batch_size in file order, the same for every seed
-    # (official: run_exp.py's train_set.select(range(bsz * iters)), unshuffled); shuffled = drawn by the run seed
-    grad_sample: str = "first"
-    # safetensors file: loaded if it exists, else written after estimation. Where the estimate is kept, not what it
-    # is (the same batches give the same estimate), so not part of the run's identity
-    grad_cache: str | None = outside_identity(None)
+DIRECTIONS, SCALES, GRAD_SAMPLES = (tuple(c.value for c in choice) for choice in (Direction, Scale, GradSample))
 
 
 def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, rank: int, scaling: float, cfg) -> tuple:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -14,14 +13,16 @@ from peft.optimizers import create_loraplus_optimizer
 from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 
 from loralab.config import ConfigError
+from loralab.variant_configs import (
+    AdaLoraSchedule,
+    AdaLoraVariantConfig,
+    LoraPlusVariantConfig,
+    PissaVariantConfig,
+    RsLoraVariantConfig,
+)
 from loralab.variants.base import cpu_copy
-from loralab.variants.lora import Lora, LoraVariantConfig, lora_layers
+from loralab.variants.lora import Lora, lora_layers
 from loralab.variants.loraga import GRAD_SAMPLES, LoraGAVariantConfig, gradient_batches
-
-
-@dataclass
-class PissaVariantConfig(LoraVariantConfig):
-    init: str = "pissa"  # exact SVD; "pissa_niter_<n>" for PEFT's fast randomized SVD
 
 
 class Pissa(Lora):
@@ -61,21 +62,11 @@ class Dora(Lora):
         return out
 
 
-@dataclass
-class RsLoraVariantConfig(LoraVariantConfig):
-    use_rslora: bool = True
-
-
 class RsLora(Lora):
     """rsLoRA: s = α/√r."""
 
     name = "rslora"
     config_class = RsLoraVariantConfig
-
-
-@dataclass
-class LoraPlusVariantConfig(LoraVariantConfig):
-    lr_ratio: float = 16.0  # η_B / η_A, the LoRA+ paper's value
 
 
 class LoraPlus(Lora):
@@ -91,20 +82,7 @@ class LoraPlus(Lora):
         return [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")} for g in optimizer.param_groups]
 
 
-ADALORA_SCHEDULES = ("reallocate", "static")
-
-
-@dataclass
-class AdaLoraVariantConfig(LoraVariantConfig):
-    # reallocate: PEFT's budget schedule (update_and_allocate after every optimizer step, the AdaLoRA paper's method);
-    # static: ranks stay at init_r, as the LoRA-GA baseline ran (their run_exp.py builds AdaLoraConfig and trains with
-    # the HF Trainer, which never calls update_and_allocate)
-    schedule: str = "reallocate"
-    init_rank_ratio: float = 1.5  # each layer starts at ceil(1.5·r) (PEFT's default init_r 12 at r=8)
-    tinit_ratio: float = 0.1  # warm-up fraction without pruning (reallocate only)
-    tfinal_ratio: float = 0.2  # final fraction with the ranks frozen (reallocate only)
-    delta_t: int = 10  # steps between reallocations (reallocate only)
-    orth_reg_weight: float = 0.5
+ADALORA_SCHEDULES = tuple(c.value for c in AdaLoraSchedule)
 
 
 class AdaLora(Lora):
