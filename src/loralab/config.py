@@ -106,6 +106,8 @@ class TaskConfig:
     max_length: int = 64  # tokens, text tasks
     image_size: int = 224  # image tasks: side of the square input (VTAB), or the shorter side (COCO)
     max_image_size: int = 1333  # detection: cap on the longer side (the (1333, 800) scale of Mask R-CNN)
+    # detection: the detector the batches are made for (its model.arch, DETECTORS); conf/task/coco.yaml interpolates it
+    detector: str | None = None
     n_train: int | None = None  # cap on training examples (None: all that remain)
     n_val: int = 1000
     n_test: int = 2000
@@ -137,7 +139,12 @@ class TrainConfig:
     max_steps: int = 150  # optimizer steps; <= 0 means use `epochs`
     epochs: float = 1.0
     warmup_ratio: float = 0.06
-    scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
+    warmup_steps: int | None = None  # optimizer steps of warm-up; None: warmup_ratio of the run
+    scheduler: str = "linear"  # any transformers.get_scheduler name (linear, cosine, ...) or multistep (mmdet's)
+    # scheduler=multistep (loralab.schedules): warm-up from warmup_start_factor x lr; lr x decay_gamma at each epoch
+    warmup_start_factor: float = 0.0
+    decay_epochs: list[float] = field(default_factory=list)
+    decay_gamma: float = 0.1
     max_grad_norm: float = 1.0
     eval_every: int = 50  # optimizer steps; 0 disables periodic validation
     log_every: int = outside_identity(10)
@@ -195,6 +202,8 @@ class RunConfig:
     objective: str | None = outside_identity(None)
 
 
+# detection model.arch -> what it is: a transformers model_type, or torchvision's Mask R-CNN (loralab.maskrcnn)
+DETECTORS = {"maskrcnn": "torchvision Mask R-CNN + FPN", "mask2former": "transformers Mask2Former"}
 # task kind -> (modality, whether the task adds a new, trained head to the model)
 TASK_KINDS = {
     "text_classification": ("text", True),
@@ -237,9 +246,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"train.lr={t.lr} must be positive")
     from transformers.trainer_utils import SchedulerType  # noqa: PLC0415
 
-    schedulers = [s.value for s in SchedulerType]
+    from loralab.schedules import EXTRA_SCHEDULERS, check_schedule  # noqa: PLC0415
+
+    schedulers = [s.value for s in SchedulerType] + list(EXTRA_SCHEDULERS)
     if t.scheduler not in schedulers:
         raise ConfigError(f"train.scheduler={t.scheduler!r} is not supported; choose one of {schedulers}")
+    check_schedule(t)
     for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
@@ -265,6 +277,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             f"task {task.name!r} (text2text) needs one label word per label: labels={list(task.labels)}, "
             f"label_words={list(task.label_words)}"
+        )
+    if task.kind == "detection" and not (cfg.model.arch in DETECTORS and task.detector == cfg.model.arch):
+        raise ConfigError(
+            f"task {task.name!r} (detection) needs a detector model and task.detector equal to its arch: "
+            f"model.arch={cfg.model.arch!r}, task.detector={task.detector!r}; detectors: {sorted(DETECTORS)}"
         )
     wanted = TASK_KINDS[cfg.task.kind][0]
     if cfg.model.modality != wanted:

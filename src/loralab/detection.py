@@ -1,8 +1,9 @@
 """Detectors around a pretrained image backbone (task kind `detection`), and their instance predictions.
 
-The detector is transformers' Mask2Former (instance segmentation; boxes are the predicted masks' bounding boxes)
-with a ConvNeXt-V2 backbone passed as `backbone_config`. transformers (>= 5) builds the backbone from that config
-with random weights, so `load_backbone_weights` copies the pretrained ones from the backbone's checkpoint.
+Two detectors (`model.arch`): torchvision's Mask R-CNN on a transformers backbone (loralab.maskrcnn; its own box and
+mask heads), and transformers' Mask2Former (instance masks; its boxes are the masks' bounding boxes) with the
+backbone passed as `backbone_config`. Both build the backbone from its config with random weights (transformers >= 5
+no longer loads it), so `load_backbone_weights` copies the pretrained ones from the backbone's checkpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import resize_boxes
 from transformers import AutoConfig, PretrainedConfig
 from transformers.backbone_utils import BackboneMixin
 
@@ -23,15 +26,20 @@ def backbone_module(model: nn.Module) -> nn.Module:
     return found[0]
 
 
-def detector_config(arch: str, backbone_path: str, num_labels: int, kwargs: dict) -> PretrainedConfig:
-    """A new `arch` model whose backbone has the architecture of the checkpoint at `backbone_path`.
-
-    `kwargs["backbone_config"]` overrides the checkpoint's config (e.g. which stages feed the detector)."""
-    backbone_kwargs = dict(kwargs.pop("backbone_config", None) or {})
+def pretrained_backbone_config(backbone_path: str, overrides: dict) -> PretrainedConfig:
+    """The config of the checkpoint at `backbone_path`, updated by `overrides` (e.g. which stages feed the detector)."""
+    overrides = dict(overrides)
     kind = AutoConfig.from_pretrained(backbone_path).model_type
-    if backbone_kwargs.pop("model_type", kind) != kind:
+    if overrides.pop("model_type", kind) != kind:
         raise ConfigError(f"backbone_config.model_type differs from the checkpoint's ({kind}) at {backbone_path}")
-    backbone = AutoConfig.from_pretrained(backbone_path, **backbone_kwargs)
+    return AutoConfig.from_pretrained(backbone_path, **overrides)
+
+
+def detector_config(arch: str, backbone_path: str, num_labels: int, kwargs: dict) -> PretrainedConfig:
+    """A new transformers `arch` model whose backbone has the architecture of the checkpoint at `backbone_path`.
+
+    `kwargs["backbone_config"]` overrides the checkpoint's config."""
+    backbone = pretrained_backbone_config(backbone_path, kwargs.pop("backbone_config", None) or {})
     return AutoConfig.for_model(arch, backbone_config=backbone, num_labels=num_labels, **kwargs)
 
 
@@ -60,6 +68,19 @@ def mask2former_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     binary = masks > 0
     mask_score = (masks.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     return scores * mask_score, labels, binary
+
+
+@torch.no_grad()
+def maskrcnn_instances(detections: dict[str, torch.Tensor], resized, original) -> tuple:
+    """Mask R-CNN's detections for one image (torchvision's roi_heads output, in the resized frame) -> the original
+    image, as torchvision's GeneralizedRCNNTransform.postprocess does: boxes scaled by original/resized, each mask's
+    28x28 probabilities pasted into its box, then thresholded at 0.5 (mmdet's mask_thr_binary).
+
+    Returns scores (k,), class indices (k,) (torchvision's labels 1..K -> 0..K-1), binary masks (k, H, W) and boxes
+    (k, 4) xyxy at the original resolution."""
+    boxes = resize_boxes(detections["boxes"].float(), list(resized), list(original))
+    masks = paste_masks_in_image(detections["masks"].float(), boxes, tuple(original))[:, 0] > 0.5
+    return detections["scores"].float(), detections["labels"] - 1, masks, boxes
 
 
 def masks_to_image(masks: torch.Tensor, padded, resized, original) -> torch.Tensor:

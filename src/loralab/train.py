@@ -27,10 +27,10 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, broadcast_object_list, send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from loralab.config import ConfigError, TrainConfig
 from loralab.io import atomic_dir
+from loralab.schedules import make_scheduler
 from loralab.tasks import EvalContext, TaskData
 from loralab.trackers import Tracker
 
@@ -226,9 +226,7 @@ def train(
         enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(variant.param_groups(model, cfg.lr, cfg.weight_decay))
     # stepped by hand once per optimizer step (accelerate would step it once per process)
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps), num_training_steps=steps
-    )
+    scheduler = make_scheduler(cfg, optimizer, steps)  # transformers' schedules, or mmdet's multistep
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
