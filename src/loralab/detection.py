@@ -8,10 +8,11 @@ no longer loads it), so `load_backbone_weights` copies the pretrained ones from 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 from transformers import AutoConfig, PretrainedConfig
 from transformers.backbone_utils import BackboneMixin
@@ -73,14 +74,34 @@ def mask2former_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
 @torch.no_grad()
 def maskrcnn_instances(detections: dict[str, torch.Tensor], resized, original) -> tuple:
     """Mask R-CNN's detections for one image (torchvision's roi_heads output, in the resized frame) -> the original
-    image, as torchvision's GeneralizedRCNNTransform.postprocess does: boxes scaled by original/resized, each mask's
-    28x28 probabilities pasted into its box, then thresholded at 0.5 (mmdet's mask_thr_binary).
+    image: boxes scaled by original/resized (torchvision's resize_boxes), each mask's 28x28 probabilities pasted into
+    its box (`paste_masks`) and thresholded at mmdet's mask_thr_binary, 0.5.
 
     Returns scores (k,), class indices (k,) (torchvision's labels 1..K -> 0..K-1), binary masks (k, H, W) and boxes
     (k, 4) xyxy at the original resolution."""
     boxes = resize_boxes(detections["boxes"].float(), list(resized), list(original))
-    masks = paste_masks_in_image(detections["masks"].float(), boxes, tuple(original))[:, 0] > 0.5
+    masks = paste_masks(detections["masks"][:, 0].float(), boxes, tuple(original)) >= 0.5
     return detections["scores"].float(), detections["labels"] - 1, masks, boxes
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size) -> torch.Tensor:
+    """(k, M, M) mask probabilities, each covering its box (k, 4) xyxy -> (k, H, W) at the image's pixels: pixel (y, x)
+    samples its mask bilinearly at its centre (x + 0.5, y + 0.5), zero outside the box (mmdet / detectron2's paste,
+    the inverse of an aligned RoIAlign crop). Hand-written: torchvision's paste_masks_in_image keeps the legacy
+    convention of boxes one pixel wider (x2 inclusive), which misplaces a mask's border by a pixel. Each mask is
+    sampled only on its box's pixels and a one-pixel margin (what the bilinear kernel can reach), for memory."""
+    height, width = size
+    out = masks.new_zeros(len(masks), height, width)
+    for i, (mask, (x0, y0, x1, y1)) in enumerate(zip(masks, boxes.tolist())):
+        c0, r0 = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
+        c1, r1 = min(math.ceil(x1) + 1, width), min(math.ceil(y1) + 1, height)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        xs = (torch.arange(c0, c1, device=masks.device) + 0.5 - x0) / max(x1 - x0, 1e-6) * 2 - 1
+        ys = (torch.arange(r0, r1, device=masks.device) + 0.5 - y0) / max(y1 - y0, 1e-6) * 2 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (rows, cols, (x, y)) in [-1, 1]
+        out[i, r0:r1, c0:c1] = F.grid_sample(mask[None, None], grid[None].to(mask), align_corners=False)[0, 0]
+    return out
 
 
 def masks_to_image(masks: torch.Tensor, padded, resized, original) -> torch.Tensor:

@@ -11,6 +11,12 @@ backbone (configs/convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py
   RoI heads (2 fc of 1024, class-specific boxes; a 4-conv mask head, 28x28 masks), with mmdet's train/test settings
   where torchvision exposes them (`model.config`: any torchvision MaskRCNN keyword).
 
+RoI sampling follows mmdet (`model.config.roi_aligned`, default true): RoIAlign with aligned=True (pixel i's centre at
+i + 0.5) for the box and mask features and for the mask targets, which are binarised at 0.5 (mmdet's mask_target);
+at inference the masks are pasted with the same convention (loralab.detection.paste_masks). torchvision fixes
+aligned=False (the legacy half-pixel offset) in its pooler and mask targets; with roi_aligned=false the model is
+torchvision's own RoI pipeline, which the tests use as the reference for the losses.
+
 The model's own forward replaces GeneralizedRCNN's: the task's pipeline (loralab.tasks.coco) already resizes,
 normalises and pads as mmdet does, so batches arrive as the padded `pixel_values` with a `pixel_mask` marking each
 image, and torchvision's transform (which would resize and normalise a second time) is not called. Training returns
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
@@ -34,8 +41,10 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _setup_scales
 from transformers import AutoBackbone, AutoConfig, PretrainedConfig
 
 from loralab.config import ConfigError, ModelConfig
@@ -57,6 +66,39 @@ class BackboneFPN(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = self.body(pixel_values).feature_maps
         return self.fpn(OrderedDict(zip(LEVELS, maps)))
+
+
+class AlignedRoIAlign(MultiScaleRoIAlign):
+    """torchvision's multi-scale RoIAlign (each box from the FPN level of its size, eq. 1 of the FPN paper, the same
+    levels as mmdet's finest_scale=56 rule) with mmdet's aligned sampling. Written here because torchvision's pooler
+    always samples with aligned=False; `aligned=False` is torchvision's pooler unchanged."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        self.aligned = aligned
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]):
+        if not self.aligned:
+            return super().forward(x, boxes, image_shapes)
+        maps = [x[name] for name in self.featmap_names]
+        if self.scales is None or self.map_levels is None:  # as torchvision: the strides, from the first batch
+            self.scales, self.map_levels = _setup_scales(maps, image_shapes, self.canonical_scale, self.canonical_level)
+        levels = self.map_levels(boxes)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        out = maps[0].new_zeros(len(rois), maps[0].shape[1], *self.output_size)
+        for level, (features, scale) in enumerate(zip(maps, self.scales)):
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(features, rois[idx], self.output_size, scale, self.sampling_ratio, aligned=True)
+            out[idx] = pooled.to(out.dtype)  # autocast may pool levels in different dtypes
+        return out
+
+
+def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: torch.Tensor, size: int, aligned: bool):
+    """Each positive box's ground-truth mask cropped and resized to size x size. aligned: mmdet's mask_target
+    (aligned RoIAlign, binarised at 0.5); not aligned: torchvision's project_masks_on_boxes (soft, aligned=False)."""
+    rois = torch.cat([matched[:, None].to(boxes), boxes], dim=1)  # the gt mask's index as RoIAlign's batch index
+    crops = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, aligned=aligned)[:, 0]
+    return (crops >= 0.5).to(crops) if aligned else crops
 
 
 @contextmanager
@@ -87,9 +129,10 @@ class MaskRCNNOutput:
 class ConvNextMaskRCNN(MaskRCNN):
     """torchvision's Mask R-CNN, fed the task's padded batches (see the module docstring)."""
 
-    def __init__(self, backbone: BackboneFPN, build_config: dict, **kwargs):
+    def __init__(self, backbone: BackboneFPN, build_config: dict, roi_aligned: bool = True, **kwargs):
         super().__init__(backbone, **kwargs)
         self.build_config = build_config  # what save_pretrained writes beside the weights
+        self.roi_aligned = roi_aligned
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, targets: list[dict] | None = None):
         """With `targets`: the losses, in either mode (as a transformers model given labels: gradient estimates run in
@@ -104,11 +147,32 @@ class ConvNextMaskRCNN(MaskRCNN):
             proposals, _ = self.rpn(images, features)
             detections, _ = self.roi_heads(features, proposals, sizes)
             return MaskRCNNOutput(detections=detections, image_sizes=sizes)
-        with heads_computing_losses(self.rpn, self.roi_heads):
-            proposals, rpn_losses = self.rpn(images, features, targets)
-            _, roi_losses = self.roi_heads(features, proposals, sizes, targets)
-        losses = rpn_losses | roi_losses
+        with heads_computing_losses(self.rpn):
+            proposals, losses = self.rpn(images, features, targets)
+        losses |= self.roi_losses(features, proposals, sizes, targets)
         return MaskRCNNOutput(loss=sum(losses.values()), losses=losses)
+
+    def roi_losses(self, features: dict, proposals: list, sizes: list, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """torchvision's RoIHeads training pass (sampling, box loss, mask branch on the positive boxes) with the mask
+        targets of `mask_targets`: RoIHeads computes them inside its forward, with aligned=False only."""
+        heads = self.roi_heads
+        proposals, matched, labels, regression = heads.select_training_samples(proposals, targets)
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, sizes))
+        class_logits, box_regression = heads.box_predictor(box_features)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression)
+        positive = [torch.where(lab > 0)[0] for lab in labels]
+        boxes = [p[i] for p, i in zip(proposals, positive)]
+        matched = [m[i] for m, i in zip(matched, positive)]
+        logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, boxes, sizes)))
+        size = logits.shape[-1]
+        goal = [mask_targets(t["masks"], b, m, size, self.roi_aligned) for t, b, m in zip(targets, boxes, matched)]
+        classes = torch.cat([t["labels"][m] for t, m in zip(targets, matched)])
+        goal = torch.cat(goal)
+        if goal.numel() == 0:  # no positive box in the batch (as torchvision: a zero that keeps the graph)
+            loss_mask = logits.sum() * 0
+        else:
+            loss_mask = F.binary_cross_entropy_with_logits(logits[torch.arange(len(classes)), classes], goal)
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
     def save_pretrained(self, out_dir: str) -> None:
         """model.safetensors + config.json (what full fine-tuning saves; adapters go through PEFT / the variant)."""
@@ -136,7 +200,8 @@ def build_mask_rcnn(cfg: ModelConfig, num_labels: int) -> ConvNextMaskRCNN:
     """A new Mask R-CNN for `num_labels` classes (+ background) with a randomly initialised backbone.
 
     `model.config`: backbone_config, fpn_channels (256), box_head_channels (1024), mask_head_channels ([256] x 4),
-    roi_sampling_ratio (0: mmdet's adaptive), and any keyword of torchvision's MaskRCNN."""
+    roi_sampling_ratio (0: mmdet's adaptive), roi_aligned (true: mmdet's), and any keyword of torchvision's
+    MaskRCNN."""
     kwargs = OmegaConf.to_container(cfg.config, resolve=True) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
     build_config = {"num_labels": num_labels, **kwargs}
     body = AutoBackbone.from_config(backbone_config(cfg, kwargs.pop("backbone_config", None) or {}))
@@ -146,13 +211,15 @@ def build_mask_rcnn(cfg: ModelConfig, num_labels: int) -> ConvNextMaskRCNN:
     box_channels = kwargs.pop("box_head_channels", 1024)
     mask_channels = list(kwargs.pop("mask_head_channels", [256] * 4))
     sampling = kwargs.pop("roi_sampling_ratio", 0)
+    aligned = kwargs.pop("roi_aligned", True)
     return ConvNextMaskRCNN(
         backbone,
         build_config=build_config,
-        box_roi_pool=MultiScaleRoIAlign(LEVELS, output_size=7, sampling_ratio=sampling),
+        roi_aligned=aligned,
+        box_roi_pool=AlignedRoIAlign(LEVELS, 7, sampling, aligned),
         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_channels),
         box_predictor=FastRCNNPredictor(box_channels, num_labels + 1),  # + background (class 0)
-        mask_roi_pool=MultiScaleRoIAlign(LEVELS, output_size=14, sampling_ratio=sampling),
+        mask_roi_pool=AlignedRoIAlign(LEVELS, 14, sampling, aligned),
         mask_head=MaskRCNNHeads(backbone.out_channels, mask_channels, dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], num_labels + 1),
         **kwargs,
