@@ -92,6 +92,9 @@ def test_losses_in_eval_mode_and_detections(compose_cfg, coco_dir):
     detections = model(batch["pixel_values"], batch["pixel_mask"]).detections
     assert len(detections) == 2 and {"boxes", "labels", "scores", "masks"} <= set(detections[0])
     assert (detections[0]["labels"] >= 1).all() and detections[0]["masks"].shape[1:] == (1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 training: the boxes stay float32
+        bf16 = model(batch["pixel_values"], batch["pixel_mask"]).detections[0]
+    assert bf16["boxes"].dtype == bf16["scores"].dtype == torch.float32
     model.train()
     with pytest.raises(ValueError, match="needs targets"):
         model(batch["pixel_values"], batch["pixel_mask"])
@@ -260,7 +263,7 @@ def test_paste_is_exact_where_torchvisions_legacy_paste_is_not(coco_dir):
 # --- schedule -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # no optimizer steps here
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # schedules without optimizer steps
 def test_multistep_schedule_is_mmdets_1x():
     """multistep = mmengine's LinearLR (by iteration) x MultiStepLR (by epoch), here against torch's own LinearLR and
     MultiStepLR chained on one optimizer; milestones at the same fraction of a run shortened by max_steps."""

@@ -93,6 +93,15 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
         return out
 
 
+class Float32BoxPredictor(FastRCNNPredictor):
+    """torchvision's box predictor with its scores and deltas in float32 under autocast: torchvision decodes the boxes
+    in the deltas' dtype, and bf16 (8 mantissa bits) would round a coordinate near 1000 px to a multiple of 4."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: torch.Tensor, size: int, aligned: bool):
     """Each positive box's ground-truth mask cropped and resized to size x size. aligned: mmdet's mask_target
     (aligned RoIAlign, binarised at 0.5); not aligned: torchvision's project_masks_on_boxes (soft, aligned=False)."""
@@ -218,7 +227,7 @@ def build_mask_rcnn(cfg: ModelConfig, num_labels: int) -> ConvNextMaskRCNN:
         roi_aligned=aligned,
         box_roi_pool=AlignedRoIAlign(LEVELS, 7, sampling, aligned),
         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_channels),
-        box_predictor=FastRCNNPredictor(box_channels, num_labels + 1),  # + background (class 0)
+        box_predictor=Float32BoxPredictor(box_channels, num_labels + 1),  # + background (class 0)
         mask_roi_pool=AlignedRoIAlign(LEVELS, 14, sampling, aligned),
         mask_head=MaskRCNNHeads(backbone.out_channels, mask_channels, dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], num_labels + 1),
