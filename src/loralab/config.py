@@ -50,9 +50,10 @@ class ModelConfig:
     source: str = MISSING
     path: str | None = None
     # transformers model_type for source=config/digits_0to4; with source=hf/package: a new model of this type built
-    # around the pretrained backbone at `path` (a detector on an ImageNet backbone, see loralab.detection)
+    # around the pretrained backbone at `path` (a detector on an ImageNet backbone, see loralab.detection);
+    # `maskrcnn`: torchvision's Mask R-CNN on a transformers backbone (loralab.maskrcnn)
     arch: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
+    config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model (maskrcnn: build_mask_rcnn)
     tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
     modality: str = "text"  # text | image
     dtype: str | None = None  # weights' dtype when loading (float32 | bfloat16 | float16); None: float32
