@@ -168,6 +168,10 @@ def test_pretrained_backbone_and_what_each_variant_trains(compose_cfg, tmp_path)
 def test_detector_and_task_must_agree(compose_cfg):
     from loralab.config import validate
 
+    cfg = compose_cfg("experiment=liera_coco_smoke", "++model.config.min_size=600")
+    with pytest.raises(ConfigError, match="min_size would go to torchvision's transform"):
+        build_skeleton(cfg.model, cfg.task)
+
     with pytest.raises(ConfigError, match="task.detector equal to its arch"):
         validate(compose_cfg("experiment=liera_coco_smoke", "task.detector=mask2former"))
     with pytest.raises(ConfigError, match="needs a detector model"):

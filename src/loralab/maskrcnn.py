@@ -21,7 +21,7 @@ The model's own forward replaces GeneralizedRCNN's: the task's pipeline (loralab
 normalises and pads as mmdet does, so batches arrive as the padded `pixel_values` with a `pixel_mask` marking each
 image, and torchvision's transform (which would resize and normalise a second time) is not called. Training returns
 the summed losses; evaluation returns torchvision's detections in the resized frame, which
-`loralab.detection.maskrcnn_instances` maps back to the original image as torchvision's postprocess does.
+`loralab.detection.maskrcnn_instances` maps back to the original image (boxes scaled, masks pasted).
 """
 
 from __future__ import annotations
@@ -212,10 +212,15 @@ def build_mask_rcnn(cfg: ModelConfig, num_labels: int) -> ConvNextMaskRCNN:
     roi_sampling_ratio (0: mmdet's adaptive), roi_aligned (true: mmdet's), and any keyword of torchvision's
     MaskRCNN."""
     kwargs = OmegaConf.to_container(cfg.config, resolve=True) if OmegaConf.is_config(cfg.config) else dict(cfg.config)
-    build_config = {"num_labels": num_labels, **kwargs}
+    if resizing := sorted(set(kwargs) & {"min_size", "max_size", "image_mean", "image_std"}):
+        raise ConfigError(
+            f"model {cfg.name!r}: model.config.{resizing[0]} would go to torchvision's transform, which this model "
+            f"does not call: the task resizes and normalises (task.image_size, task.max_image_size)"
+        )
     body = AutoBackbone.from_config(backbone_config(cfg, kwargs.pop("backbone_config", None) or {}))
     if len(body.channels) != len(LEVELS):
         raise ConfigError(f"model {cfg.name!r}: the FPN takes 4 stages (out_features), got {body.out_features}")
+    build_config = {"arch": ARCH, "num_labels": num_labels, "backbone_config": body.config.to_dict(), **kwargs}
     backbone = BackboneFPN(body, kwargs.pop("fpn_channels", 256))
     box_channels = kwargs.pop("box_head_channels", 1024)
     mask_channels = list(kwargs.pop("mask_head_channels", [256] * 4))
