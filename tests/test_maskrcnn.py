@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, masks_to_boxes
 from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
 
 from loralab.config import ConfigError, TaskConfig, TrainConfig, target_modules
@@ -48,6 +48,29 @@ def tiny_detector(compose_cfg, *overrides):
 
 
 # --- the model ------------------------------------------------------------------------------------------------------
+
+
+def test_training_targets_move_with_the_image(coco_dir):
+    """Mask R-CNN's batches: each annotation box scaled and flipped as its image and mask (the mask's bounding box
+    within a resized pixel of it), labels 1..K, masks at each image's resized size inside the padded batch."""
+    data = load_task(coco_task(coco_dir), None)
+    torch.manual_seed(0)
+    flipped = []
+    for start in (0, 4):
+        examples = data.train[start : start + 4]
+        batch = data.collate(examples)
+        assert set(batch) == {"pixel_values", "pixel_mask", "targets"}
+        for example, target, mask in zip(examples, batch["targets"], batch["pixel_mask"]):
+            rows, cols = int(mask[:, 0].sum()), int(mask[0].sum())
+            assert target["masks"].shape[1:] == (rows, cols) and target["masks"].dtype == torch.uint8
+            assert ((target["labels"] >= 1) & (target["labels"] <= len(COCO_LABELS))).all()
+            from_masks = masks_to_boxes(target["masks"]) + torch.tensor([0, 0, 1, 1])  # pixel indices -> edges
+            torch.testing.assert_close(from_masks, target["boxes"], atol=1.5, rtol=0)
+            x, _, w, _ = torch.tensor([box for _, _, box in example["anns"]]).T * cols / example["size"][1]
+            flipped.append(not torch.allclose(target["boxes"][:, 0], x))
+            if flipped[-1]:
+                torch.testing.assert_close(target["boxes"][:, 0], cols - x - w)
+    assert 0 < sum(flipped) < len(flipped) == 7  # every training image, flipped and not
 
 
 def test_losses_equal_torchvision_roi_heads(compose_cfg, coco_dir):

@@ -142,7 +142,10 @@ def training_instances(ex: dict, cfg: TaskConfig) -> tuple:
         boxes = torch.stack([size[1] - boxes[:, 2], boxes[:, 1], size[1] - boxes[:, 0], boxes[:, 3]], dim=1)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
-    return image, masks, torch.tensor([c for c, _, _ in decoded], dtype=torch.long), boxes
+    classes = torch.tensor([c for c, _, _ in decoded], dtype=torch.long)
+    # a box outside the image clips to nothing: no instance (its zero width would be log(0) in the box targets)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return image, masks[keep], classes[keep], boxes[keep]
 
 
 def train_collate(cfg: TaskConfig):
