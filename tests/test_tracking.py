@@ -67,6 +67,7 @@ def test_the_same_run_keeps_its_wandb_run_id(compose_cfg, tmp_path):
     [
         ("train.eval_every=-5", r"train.eval_every=-5 must be >= 0"),
         ("train.log_every=0", r"train.log_every=0 must be positive"),
+        ("train.warmup_steps=-1", r"train.warmup_steps=-1 must be >= 0"),
         ("train.max_grad_norm=-1", r"train.max_grad_norm=-1.0: must be >= 0"),
     ],
 )

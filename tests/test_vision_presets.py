@@ -51,7 +51,8 @@ def vtab_task(root, **kw) -> TaskConfig:
 
 def coco_task(root, **kw) -> TaskConfig:
     fields = dict(name="coco", kind="detection", loader="coco", data_dir=str(root), labels=COCO_LABELS, n_val=0)
-    return TaskConfig(**(fields | dict(train_split="train2017", test_split="val2017", image_size=48) | kw))
+    defaults = dict(train_split="train2017", test_split="val2017", image_size=48, detector="mask2former")
+    return TaskConfig(**(fields | defaults | kw))  # Mask R-CNN's batches and evaluation: tests/test_maskrcnn.py
 
 
 # --- VTAB-1k ------------------------------------------------------------------------------------------------------
@@ -277,8 +278,9 @@ def test_coco_evaluation_scores_the_ground_truth_as_perfect(coco_dir, scale):
 
 
 @pytest.mark.slow
-def test_liera_coco_smoke_through_the_runner(compose_cfg, coco_dir):
-    base = ["experiment=liera_coco_smoke", f"task.data_dir={coco_dir}", *SMOKE]
+def test_liera_coco_mask2former_smoke_through_the_runner(compose_cfg, coco_dir):
+    """The Mask2Former option (its smoke model); the preset's Mask R-CNN smoke run is in tests/test_maskrcnn.py."""
+    base = ["experiment=liera_coco_smoke", "model=tiny_mask2former", f"task.data_dir={coco_dir}", *SMOKE]
     cfg = compose_cfg(*base, "task.n_val=2", "train.eval_every=2")
     record = run_job(cfg)
     assert record.status == Status.COMPLETED and record.data["sizes"] == {"train": 5, "val": 2, "test": 4}

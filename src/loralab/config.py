@@ -51,8 +51,8 @@ LabelScoring = Choice("LabelScoring", {v: v for v in ("first_token", "sequence")
 TargetPadding = Choice("TargetPadding", {v: v for v in ("train", "ignore")})  # text2text padded target positions
 Gsm8kHeadline = Choice("Gsm8kHeadline", {v: v for v in ("strict", "flexible")})
 CodeExtraction = Choice("CodeExtraction", {v: v for v in ("official", "first_block")})  # HumanEval completions
-# transformers.SchedulerType's values (its members are named LINEAR, ..., which OmegaConf would ask users to type);
-# tests/test_config.py checks the two lists agree
+# transformers.SchedulerType's values (its members are named LINEAR, ..., which OmegaConf would ask users to type),
+# and mmdet's step schedule (loralab.schedules); tests/test_config.py checks the list against both
 Scheduler = Choice(
     "Scheduler",
     {
@@ -60,7 +60,7 @@ Scheduler = Choice(
         for v in (
             "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
             "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-            "warmup_stable_decay", "greedy",
+            "warmup_stable_decay", "greedy", "multistep",
         )
     },
 )  # fmt: skip
@@ -93,9 +93,10 @@ class ModelConfig:
     source: ModelSource = MISSING
     path: str | None = None
     # transformers model_type for source=config/digits_0to4; with source=hf/package: a new model of this type built
-    # around the pretrained backbone at `path` (a detector on an ImageNet backbone, see loralab.detection)
+    # around the pretrained backbone at `path` (a detector on an ImageNet backbone, see loralab.detection);
+    # `maskrcnn`: torchvision's Mask R-CNN on a transformers backbone (loralab.maskrcnn)
     arch: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model
+    config: dict[str, Any] = field(default_factory=dict)  # kwargs of AutoConfig.for_model (maskrcnn: build_mask_rcnn)
     tokenizer: str | None = None  # defaults to `path`; tiny text models share MiniLM's real tokenizer
     modality: Modality = Modality.text
     dtype: Dtype | None = None  # weights' dtype when loading; None: float32
@@ -154,6 +155,8 @@ class TaskConfig:
     max_length: int = 64  # tokens, text tasks
     image_size: int = 224  # image tasks: side of the square input (VTAB), or the shorter side (COCO)
     max_image_size: int = 1333  # detection: cap on the longer side (the (1333, 800) scale of Mask R-CNN)
+    # detection: the detector the batches are made for (its model.arch, DETECTORS); conf/task/coco.yaml interpolates it
+    detector: str | None = None
     n_train: int | None = None  # cap on training examples (None: all that remain)
     n_val: int = 1000
     n_test: int = 2000
@@ -197,7 +200,11 @@ class TrainConfig:
     epochs: float = 1.0
     warmup_ratio: float = 0.06
     warmup_steps: int = 0  # > 0: this many warmup steps instead of warmup_ratio (HF Trainer's warmup_steps)
-    scheduler: Scheduler = Scheduler.linear  # a transformers.get_scheduler name
+    scheduler: Scheduler = Scheduler.linear  # a transformers.get_scheduler name, or multistep (mmdet's)
+    # scheduler=multistep (loralab.schedules): warm-up from warmup_start_factor x lr; lr x decay_gamma at each epoch
+    warmup_start_factor: float = 0.0
+    decay_epochs: list[float] = field(default_factory=list)
+    decay_gamma: float = 0.1
     max_grad_norm: float = 1.0
     eval_every: int = 50  # periodic validation every N `eval_unit`s; 0 disables it
     eval_unit: EvalUnit = EvalUnit.steps  # steps (optimizer steps) | epochs (after every N-th pass over the data)
@@ -260,6 +267,8 @@ class RunConfig:
     objective: str | None = outside_identity(None)
 
 
+# detection model.arch -> what it is: a transformers model_type, or torchvision's Mask R-CNN (loralab.maskrcnn)
+DETECTORS = {"maskrcnn": "torchvision Mask R-CNN + FPN", "mask2former": "transformers Mask2Former"}
 # task kind -> (modality, whether the task adds a new, trained head to the model)
 TASK_KINDS = {
     "text_classification": ("text", True),
@@ -319,6 +328,9 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be positive")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    from loralab.schedules import check_schedule  # noqa: PLC0415
+
+    check_schedule(t)
     for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "warmup_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")
@@ -348,6 +360,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             f"task {task.name!r} (text2text) needs one label word per label: labels={list(task.labels)}, "
             f"label_words={list(task.label_words)}"
+        )
+    if task.kind == "detection" and not (cfg.model.arch in DETECTORS and task.detector == cfg.model.arch):
+        raise ConfigError(
+            f"task {task.name!r} (detection) needs a detector model and task.detector equal to its arch: "
+            f"model.arch={cfg.model.arch!r}, task.detector={task.detector!r}; detectors: {sorted(DETECTORS)}"
         )
     wanted = TASK_KINDS[cfg.task.kind][0]
     if cfg.model.modality != wanted:

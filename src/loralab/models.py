@@ -20,6 +20,8 @@ from transformers import (
 )
 
 from loralab.config import TASK_KINDS, ConfigError, ModelConfig, TaskConfig
+from loralab.maskrcnn import ARCH as MASK_RCNN
+from loralab.maskrcnn import build_mask_rcnn, pretrained_mask_rcnn
 
 # task kind -> the transformers auto class with that task's head
 AUTO_CLASSES = {
@@ -27,7 +29,7 @@ AUTO_CLASSES = {
     "image_classification": AutoModelForImageClassification,
     "text2text": AutoModelForSeq2SeqLM,
     "causal_lm": AutoModelForCausalLM,
-    "detection": AutoModelForUniversalSegmentation,  # Mask2Former: instance masks (+ their boxes)
+    "detection": AutoModelForUniversalSegmentation,  # Mask2Former (Mask R-CNN is torchvision's: loralab.maskrcnn)
 }
 
 
@@ -72,10 +74,14 @@ def build_skeleton(cfg: ModelConfig, task: TaskConfig) -> nn.Module:
 
     Used to check target modules and rank before anything is loaded."""
     with torch.device("meta"):
+        if cfg.arch == MASK_RCNN:
+            return build_mask_rcnn(cfg, num_labels(task))
         return AUTO_CLASSES[task.kind].from_config(model_config(cfg, num_labels(task)))
 
 
 def build_model(cfg: ModelConfig, task: TaskConfig, cache_dir: str) -> nn.Module:
+    if cfg.arch == MASK_RCNN:  # torchvision's detector, not a transformers model (loralab.maskrcnn)
+        return pretrained_mask_rcnn(cfg, num_labels(task))
     config = model_config(cfg, num_labels(task))
     auto = AUTO_CLASSES[task.kind]
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32

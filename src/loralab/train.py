@@ -36,10 +36,10 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, broadcast_object_list, send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from loralab.config import ConfigError, TrainConfig
 from loralab.io import atomic_dir
+from loralab.schedules import make_scheduler
 from loralab.tasks import EvalContext, TaskData
 from loralab.trackers import Tracker
 
@@ -311,8 +311,7 @@ def train(
         fp32_master_weights(model)
     optimizer = torch.optim.AdamW(variant.param_groups(model, cfg.lr, cfg.weight_decay))
     # stepped by hand once per optimizer step (accelerate would step it once per process)
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else round(cfg.warmup_ratio * steps)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    scheduler = make_scheduler(cfg, optimizer, steps)  # transformers' schedules, or mmdet's multistep
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
 

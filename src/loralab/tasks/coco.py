@@ -7,13 +7,18 @@ hidden). "val" is a seeded slice of `n_val` training images (0: none), for curve
 Pipeline, as mmdet's Mask R-CNN (the LieRA paper's detector): resize keeping the aspect ratio so the shorter side is
 `image_size` (800) and the longer at most `max_image_size` (1333); random horizontal flip when training; ImageNet
 mean/std; zero padding at the bottom/right to a common size, a multiple of 32 (`pixel_mask` marks the image).
-Training drops crowd annotations and the images left without any (as detectron2's Mask2Former). Classes are the
-annotation file's categories in id order -> 0..K-1; their names must equal `task.labels`.
+Training drops crowd annotations, annotations without area (mmdet: w or h < 1 px, or area 0) and the images left
+without any (mmdet's filter_empty_gt). Classes are the annotation file's categories in id order -> 0..K-1; their
+names must equal `task.labels`.
 
-Evaluation: Mask2Former's instance inference (the top 100 (query, class) pairs per image), masks at the original
-resolution as RLE; mask AP on them, box AP on their bounding boxes (the detector predicts masks only); COCOeval over
-the evaluated images. Metrics in [0, 1] (-1: no ground truth in that size range): {box,mask}_{ap,ap50,ap75,ap_s,
-ap_m,ap_l}.
+Batches follow `task.detector` (the model's arch): Mask R-CNN trains on `targets` (per image: the annotation boxes,
+scaled and flipped with the image and clipped to it, labels 1..K, masks at the resized size), Mask2Former on
+`mask_labels` / `class_labels` (masks padded to the batch).
+
+Evaluation, each detector's own inference at the original resolution, masks as RLE, COCOeval over the evaluated
+images: Mask R-CNN's boxes from its box head (box AP) and masks from its mask head pasted into them (mask AP);
+Mask2Former's top 100 (query, class) pairs, mask AP on the masks and box AP on their bounding boxes (it predicts masks
+only). Metrics in [0, 1] (-1: no ground truth in that size range): {box,mask}_{ap,ap50,ap75,ap_s,ap_m,ap_l}.
 """
 
 from __future__ import annotations
@@ -34,13 +39,13 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from loralab.config import ConfigError, TaskConfig
-from loralab.detection import mask2former_instances
+from loralab.config import DETECTORS, ConfigError, TaskConfig
+from loralab.detection import mask2former_instances, maskrcnn_instances
 from loralab.models import resolve_path
 from loralab.tasks.base import EvalContext, TaskData, fingerprint, holdout_indices
 from loralab.tasks.vtab import IMAGENET_MEAN, IMAGENET_STD
 
-TOP_K = 100  # detections per image: Mask2Former's test_topk_per_image, COCO's maxDets
+TOP_K = 100  # detections per image: Mask2Former's test_topk_per_image, COCO's maxDets (Mask R-CNN: its own 100)
 PAD_MULTIPLE = 32  # the backbone's total stride
 STATS = ("ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l")  # COCOeval.stats[:6]
 
@@ -68,12 +73,19 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | N
     return mask_utils.decode(rle)
 
 
+def trainable_annotation(ann: dict) -> bool:
+    """mmdet's rule (CocoDataset.parse_data_info): no crowd regions, no boxes under a pixel wide or tall."""
+    _, _, w, h = ann["bbox"]
+    return not ann.get("iscrowd", 0) and w >= 1 and h >= 1 and ann.get("area", 1) > 0
+
+
 def image_examples(coco: COCO, image_dir: Path, cat_index: dict[int, int], training: bool) -> list[dict]:
-    """One dict per image, by id; training keeps each image's non-crowd annotations and drops images without any."""
+    """One dict per image, by id; training keeps each image's instances (class, segmentation, xywh box) and drops
+    images without any."""
     examples = []
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
-        anns = [a for a in coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        anns = [a for a in coco.imgToAnns.get(image_id, []) if trainable_annotation(a)]
         if training and not anns:
             continue
         examples.append(
@@ -81,7 +93,7 @@ def image_examples(coco: COCO, image_dir: Path, cat_index: dict[int, int], train
                 "image_id": image_id,
                 "file": str(image_dir / info["file_name"]),
                 "size": (info["height"], info["width"]),
-                "anns": [(cat_index[a["category_id"]], a["segmentation"]) for a in anns] if training else [],
+                "anns": [(cat_index[a["category_id"]], a["segmentation"], a["bbox"]) for a in anns] if training else [],
             }
         )
     return examples
@@ -110,30 +122,46 @@ def padded_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return pixels, mask
 
 
+def training_instances(ex: dict, cfg: TaskConfig) -> tuple:
+    """One training image resized as mmdet's Resize (keep ratio) and randomly flipped, with its instances transformed
+    alike: image (3, h, w), masks (n, h, w) in {0, 1}, classes (n,), boxes (n, 4) xyxy clipped to the image."""
+    height, width = ex["size"]
+    size = resized_size(height, width, cfg.image_size, cfg.max_image_size)
+    with Image.open(ex["file"]) as f:
+        image = normalised(f.convert("RGB").resize(size[::-1], Image.BILINEAR))
+    decoded = [(c, decode_segmentation(seg, height, width), box) for c, seg, box in ex["anns"]]
+    decoded = [(c, mask, box) for c, mask, box in decoded if mask is not None]
+    masks = torch.zeros(0, *size)
+    if decoded:  # nearest-neighbour resize keeps the masks binary
+        stacked = torch.from_numpy(np.stack([mask for _, mask, _ in decoded]))[None].float()
+        masks = F.interpolate(stacked, size=size, mode="nearest")[0]
+    boxes = torch.tensor([[x, y, x + w, y + h] for _, _, (x, y, w, h) in decoded], dtype=torch.float32).reshape(-1, 4)
+    boxes *= torch.tensor([size[1] / width, size[0] / height] * 2)  # mmdet's (w_scale, h_scale, w_scale, h_scale)
+    if torch.rand(()) < 0.5:  # horizontal flip (the run seed fixes the draws)
+        image, masks = image.flip(-1), masks.flip(-1)
+        boxes = torch.stack([size[1] - boxes[:, 2], boxes[:, 1], size[1] - boxes[:, 0], boxes[:, 3]], dim=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
+    classes = torch.tensor([c for c, _, _ in decoded], dtype=torch.long)
+    # a box outside the image clips to nothing: no instance (its zero width would be log(0) in the box targets)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return image, masks[keep], classes[keep], boxes[keep]
+
+
 def train_collate(cfg: TaskConfig):
-    """Batches for Mask2Former's loss: pixel_values, pixel_mask, mask_labels and class_labels (one tensor per image)."""
+    """Batches for the detector's loss: pixel_values and pixel_mask, and per image Mask R-CNN's `targets` (boxes,
+    labels 1..K with 0 the background, uint8 masks) or Mask2Former's `mask_labels` (padded) and `class_labels`."""
 
     def collate(batch: list[dict]) -> dict:
-        images, masks, classes = [], [], []
-        for ex in batch:
-            height, width = ex["size"]
-            size = resized_size(height, width, cfg.image_size, cfg.max_image_size)
-            with Image.open(ex["file"]) as f:
-                image = normalised(f.convert("RGB").resize(size[::-1], Image.BILINEAR))
-            decoded = [(c, decode_segmentation(s, height, width)) for c, s in ex["anns"]]
-            decoded = [(c, mask) for c, mask in decoded if mask is not None]
-            instances = torch.zeros(0, *size)
-            if decoded:  # nearest-neighbour resize keeps the masks binary
-                stacked = torch.from_numpy(np.stack([mask for _, mask in decoded]))[None].float()
-                instances = F.interpolate(stacked, size=size, mode="nearest")[0]
-            if torch.rand(()) < 0.5:  # horizontal flip (the run seed fixes the draws)
-                image, instances = image.flip(-1), instances.flip(-1)
-            images.append(image)
-            masks.append(instances)
-            classes.append(torch.tensor([c for c, _ in decoded], dtype=torch.long))
-        pixels, pixel_mask = padded_batch(images)
+        images, masks, classes, boxes = zip(*(training_instances(ex, cfg) for ex in batch))
+        pixels, pixel_mask = padded_batch(list(images))
+        if cfg.detector == "maskrcnn":
+            targets = [
+                {"boxes": b, "labels": c + 1, "masks": m.to(torch.uint8)} for b, c, m in zip(boxes, classes, masks)
+            ]
+            return {"pixel_values": pixels, "pixel_mask": pixel_mask, "targets": targets}
         padded = [F.pad(m, (0, pixels.shape[3] - m.shape[2], 0, pixels.shape[2] - m.shape[1])) for m in masks]
-        return {"pixel_values": pixels, "pixel_mask": pixel_mask, "mask_labels": padded, "class_labels": classes}
+        return {"pixel_values": pixels, "pixel_mask": pixel_mask, "mask_labels": padded, "class_labels": list(classes)}
 
     return collate
 
@@ -154,10 +182,15 @@ def eval_collate(cfg: TaskConfig):
     return collate
 
 
-def encode_instances(image_id: int, scores, labels, masks, cat_ids: list[int]) -> list[dict]:
-    """COCO result entries: RLE masks, their bounding boxes (xywh), COCO category ids."""
+def encode_instances(image_id: int, scores, labels, masks, cat_ids: list[int], boxes=None) -> list[dict]:
+    """COCO result entries: RLE masks, boxes as xywh (the detector's xyxy boxes; None: the masks' bounding boxes),
+    COCO category ids."""
     rles = mask_utils.encode(np.asfortranarray(masks.cpu().numpy().transpose(1, 2, 0).astype(np.uint8)))
-    boxes = mask_utils.toBbox(rles)
+    if boxes is None:
+        boxes = mask_utils.toBbox(rles)
+    else:  # xyxy -> xywh, w = x2 - x1 (continuous coordinates, as mmdet's xyxy2xywh)
+        boxes = boxes.cpu().double()
+        boxes = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).numpy()
     out = []
     for rle, box, score, label in zip(rles, boxes, scores.tolist(), labels.tolist()):
         rle["counts"] = rle["counts"].decode("ascii")
@@ -207,9 +240,13 @@ def coco_evaluator(cfg: TaskConfig, ground_truth: dict[str, COCO], cat_ids: list
             out = model(**batch)
             padded = tuple(batch["pixel_values"].shape[-2:])
             for i, m in enumerate(meta):
-                geometry = (padded, m["resized"], m["original"])
-                found = mask2former_instances(out.class_queries_logits[i], out.masks_queries_logits[i], TOP_K, geometry)
-                per_image[m["image_id"]] = encode_instances(m["image_id"], *found, cat_ids)
+                if cfg.detector == "maskrcnn":
+                    *found, boxes = maskrcnn_instances(out.detections[i], m["resized"], m["original"])
+                else:
+                    geometry = (padded, m["resized"], m["original"])
+                    logits = (out.class_queries_logits[i], out.masks_queries_logits[i])
+                    found, boxes = mask2former_instances(*logits, TOP_K, geometry), None
+                per_image[m["image_id"]] = encode_instances(m["image_id"], *found, cat_ids, boxes)
         model.train()
         merged = {}  # every process's images; an image repeated to even out the last batch counts once
         for part in gather_object([per_image]):
@@ -221,6 +258,8 @@ def coco_evaluator(cfg: TaskConfig, ground_truth: dict[str, COCO], cat_ids: list
 
 
 def load_coco(cfg: TaskConfig, tokenizer=None) -> TaskData:
+    if cfg.detector not in DETECTORS:
+        raise ConfigError(f"task {cfg.name!r}: task.detector={cfg.detector!r}; choose one of {sorted(DETECTORS)}")
     if cfg.data_dir is None:
         raise ConfigError(
             f"task {cfg.name!r}: no data: set task.data_dir (with annotations/instances_<split>.json and <split>/)"
