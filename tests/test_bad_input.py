@@ -92,3 +92,28 @@ def test_unreachable_hub_names_the_dataset_and_the_local_copy_option(monkeypatch
 
     with pytest.raises(ConfigError, match=r"dataset 'nyu-mll/glue' \(sst2\) could not be loaded .* task.data_dir="):
         load_split("nyu-mll/glue", "sst2", "train")
+
+
+@pytest.mark.parametrize("variant", ["loraga", "loraga_peft"])
+def test_loraga_refuses_loralib_conv_layout(compose_cfg, variant):
+    cfg = compose_cfg("model=tiny_convnext", "task=digits_transfer", f"variant={variant}", "rank=2")
+    with pytest.raises(ConfigError, match=rf"{variant} on Conv2d targets .* needs variant.conv_layout=peft"):
+        check_inputs(cfg)
+    check_inputs(
+        compose_cfg(
+            "model=tiny_convnext", "task=digits_transfer", f"variant={variant}", "rank=2", "variant.conv_layout=peft"
+        )
+    )
+
+
+def test_peft_conv_layout_refuses_groups_that_do_not_divide_the_rank(compose_cfg):
+    with pytest.raises(ConfigError, match=r"conv_layout=peft cannot adapt grouped convolutions .* rank=3"):
+        check_inputs(
+            compose_cfg(
+                "model=tiny_convnext",
+                "task=digits_transfer",
+                "variant.conv_layout=peft",
+                "rank=3",
+                "model.target_modules=[dwconv]",
+            )
+        )

@@ -67,6 +67,7 @@ def check_inputs(cfg):
         )
     targets = find_targets(skeleton, target_modules(cfg), exclude=head_modules(cfg))
     check_rank(skeleton, targets, cfg.rank, variant.max_rank)
+    variant.check_targets(dict(skeleton.named_modules()), targets)
     return variant, targets
 
 

@@ -49,6 +49,9 @@ class Variant:
         """The largest rank this variant can use on an out×in matrix."""
         return min(out_features, in_features)
 
+    def check_targets(self, modules: dict[str, nn.Module], targets: list[str]) -> None:
+        """Refuse target layers this variant cannot adapt (ConfigError); called on the meta-device skeleton."""
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]

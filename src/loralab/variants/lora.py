@@ -54,6 +54,17 @@ class Lora(Variant):
         )
         return register_layout(config, self.cfg.conv_layout)
 
+    def check_targets(self, modules, targets):
+        if self.cfg.conv_layout != "peft":
+            return
+        # PEFT's own conv LoRA gives A the layer's groups: it refuses a rank the groups do not divide, after loading
+        bad = [n for n in targets if isinstance(modules[n], nn.Conv2d) and self.rank % modules[n].groups]
+        if bad:
+            raise ConfigError(
+                f"variant.conv_layout=peft cannot adapt grouped convolutions whose groups do not divide rank="
+                f"{self.rank}: {bad[:3]}{' ...' if len(bad) > 3 else ''}; use conv_layout=loralib or other targets"
+            )
+
     def prepare(self, model, targets, head_modules, ctx=None):
         model = get_peft_model(model, self.peft_config(targets, head_modules, ctx))
         # inits such as PiSSA move s·B0·A0 out of the frozen weight: ΔW = W_final − W0 = s·(B·A − B0·A0).

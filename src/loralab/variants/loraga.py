@@ -64,6 +64,18 @@ def gradient_batches(cfg: LoraGAVariantConfig, ctx) -> Iterator[dict]:
     return ctx.train_batches(cfg.grad_batch_size)
 
 
+def refuse_loralib_convs(variant, modules, targets) -> None:
+    """LoRA-GA's init factors G as out x (in·k·k) into A0 (r x in·k·k, a k x k conv) and B0 (out x r, a 1x1 conv):
+    PEFT's conv layout. loralib's (B·A over the unrolled kernel) has no such factorisation of G."""
+    convs = [n for n in targets if isinstance(modules[n], torch.nn.Conv2d)]
+    if convs and variant.cfg.conv_layout != "peft":
+        raise ConfigError(
+            f"{variant.name} on Conv2d targets {convs[:3]}{' ...' if len(convs) > 3 else ''} needs "
+            f"variant.conv_layout=peft (its init is defined on the kernel as out x (in·k·k)); the official code "
+            f"adapts Linear layers only (targets=linear)"
+        )
+
+
 class LoraGA(Lora):
     name = "loraga"
     config_class = LoraGAVariantConfig
@@ -81,6 +93,10 @@ class LoraGA(Lora):
 
     def max_rank(self, out_features, in_features):
         return min(out_features, in_features) // 2  # A0 and B0 take 2r distinct singular directions of G
+
+    def check_targets(self, modules, targets):
+        super().check_targets(modules, targets)
+        refuse_loralib_convs(self, modules, targets)
 
     def gradients(self, model, targets, ctx) -> dict[str, torch.Tensor]:
         cache = Path(self.cfg.grad_cache) if self.cfg.grad_cache else None

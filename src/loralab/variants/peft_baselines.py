@@ -22,7 +22,7 @@ from loralab.variant_configs import (
 )
 from loralab.variants.base import cpu_copy
 from loralab.variants.lora import Lora, lora_layers
-from loralab.variants.loraga import GRAD_SAMPLES, LoraGAVariantConfig, gradient_batches
+from loralab.variants.loraga import GRAD_SAMPLES, LoraGAVariantConfig, gradient_batches, refuse_loralib_convs
 
 
 class Pissa(Lora):
@@ -133,6 +133,10 @@ class LoraGAPeft(Lora):
 
     name = "loraga_peft"
     config_class = LoraGAVariantConfig
+
+    def check_targets(self, modules, targets):
+        super().check_targets(modules, targets)
+        refuse_loralib_convs(self, modules, targets)
 
     def __init__(self, cfg, rank):
         super().__init__(cfg, rank)
