@@ -238,12 +238,20 @@ def test_gradient_cache_round_trip(compose_cfg, tmp_path):
 
 
 def test_bad_loraga_options(compose_cfg):
-    from loralab.config import ConfigError
+    from hydra.errors import ConfigCompositionException
 
+    from loralab.config import ConfigError
+    from loralab.variant_configs import LoraGAVariantConfig
+    from loralab.variants.loraga import LoraGA
+
+    with pytest.raises(ConfigCompositionException) as err:  # at composition: the options are Enum-typed
+        compose_cfg("variant=loraga", "variant.direction=Ar")
+    assert "Invalid value 'Ar', expected one of [ArB2r, A2rBr, ArBr]" in str(err.value.__cause__)
+    with pytest.raises(ConfigCompositionException, match="scale"):
+        compose_cfg("variant=loraga", "variant.scale=big")
+    # a config built in code meets the variant's own check
     with pytest.raises(ConfigError, match=r"variant.direction='Ar'; choose one of \['ArB2r', 'A2rBr', 'ArBr'\]"):
-        check_inputs(compose_cfg("variant=loraga", "variant.direction=Ar"))
-    with pytest.raises(ConfigError, match=r"variant.scale='big'"):
-        check_inputs(compose_cfg("variant=loraga", "variant.scale=big"))
+        LoraGA(LoraGAVariantConfig(direction="Ar"), 8)
 
 
 def test_first_step_alignment_analysis_reaches_eckart_young(compose_cfg, tmp_path):
