@@ -216,7 +216,6 @@ def test_loraga_probe_never_prepares_and_the_cache_holds_the_real_estimate(compo
     assert torch.equal(load_file(str(cache))[targets[0]], reference[targets[0]])
 
 
-
 def test_estimate_gradients_eval_mode_is_deterministic_and_train_mode_unchanged(compose_cfg, tmp_path):
     cfg, _, targets, data, model = setup(compose_cfg, tmp_path, "lora", dtype=torch.float32)
     assert model.config.hidden_dropout_prob > 0

@@ -14,7 +14,7 @@ import math
 import pandas as pd
 import torch
 
-from loralab.analysis.lowrank import random_orthonormal, top_singular_values, working_dtype
+from loralab.analysis.lowrank import random_orthonormal, top_singular_values
 from loralab.analysis.subspace import as_matrix
 
 
@@ -32,7 +32,7 @@ def _row(W_m, U, Vh, r, proj_W, proj_W_tol, norm_dW, generator) -> dict:
     norm_W = float(torch.linalg.matrix_norm(W_m))
     if norm_dW == 0.0:
         factor = math.nan
-    elif proj_dW <= max(W_m.shape) * torch.finfo(torch.float64).eps * norm_W:
+    elif proj_dW <= max(W_m.shape) * torch.finfo(W_m.dtype).eps * norm_W:
         factor = math.inf
     else:
         factor = norm_dW / proj_dW
@@ -62,7 +62,7 @@ def amplification(W, dW, r: int, generator: torch.Generator | None = None) -> di
       singular vectors of a Gaussian matrix are distributed so; drawn on CPU with `generator`, None = seeded 0);
     - ``norm_W`` = ‖W‖_F, ``norm_dW`` = ‖ΔW‖_F;
     - ``factor`` = norm_dW / proj_dW, the amplification factor. ``math.inf`` when proj_dW is numerically zero
-      (≤ max(shape)·eps64·‖W‖_F: ΔW's subspaces orthogonal to W's), ``nan`` when ΔW = 0 (no directions).
+      (≤ max(shape)·eps·‖W‖_F, eps of W's dtype: ΔW's subspaces orthogonal to W's), ``nan`` when ΔW = 0 (no directions).
 
     Conv kernels (out, in/g, *k) are flattened to out x (in/g·prod k) first.
     """
@@ -82,12 +82,13 @@ def amplification(W, dW, r: int, generator: torch.Generator | None = None) -> di
 def amplification_of_update(update, r: int, generator: torch.Generator, tol: float = 1e-6) -> dict:
     """:func:`amplification` for one :class:`~loralab.analysis.updates.MatrixUpdate`, at 7B cost: ΔW's top-r
     singular vectors from its (cached) SVD — exact from the factors for low-rank updates —, W = W0 recomputed,
-    W's top-r energy by subspace iteration to relative tolerance `tol` (``proj_W_tol``: the achieved one). float64
-    on CPU, float32 on an accelerator."""
+    W's top-r energy by subspace iteration to relative tolerance `tol` (``proj_W_tol``: the achieved one, larger
+    where 16 iterations do not reach `tol`, e.g. on a random matrix's flat spectrum). The products with W run in
+    W's precision (fp32 for an fp32 or bf16 model, float64 for a float64 one)."""
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
     W0 = update.initial()
-    W_m = W0.reshape(W0.shape[0], -1).to(working_dtype(W0))
+    W_m = W0.reshape(W0.shape[0], -1)  # W0's own precision (at least fp32): no float64 copy of an m x n matrix
     r = min(r, *W_m.shape)
     U, _, Vh = update.svd()
     top, achieved = top_singular_values(W_m, r, tol=tol)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from loralab.analysis.alignment import alignment
-from loralab.analysis.lowrank import top_singular_values
+from loralab.analysis.lowrank import factor_svd, top_singular_values
 from loralab.analysis.updates import matrix_updates
 
 PEFT_PREFIX = "base_model.model."
@@ -51,22 +51,35 @@ def _conv_padding(conv: nn.Conv2d, x: torch.Tensor):
     return x, conv.padding
 
 
-def _weight_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
-    """∂L/∂W of the layer's effective weight from its input x and output gradient gy (fp32, fp64 stays fp64)."""
+def _weight_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    """(G, factors): ∂L/∂W of the layer's effective weight from its input x and output gradient gy (fp32, fp64 stays
+    fp64), and for a linear layer its factors G = gyᵀ·x over the T tokens (rank ≤ T: an exact SVD when T is small)."""
     base = _base(module)
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, gy = x.detach().to(dtype), gy.to(dtype)
     if isinstance(base, nn.Linear):
-        return gy.reshape(-1, gy.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+        gy, x = gy.reshape(-1, gy.shape[-1]).transpose(0, 1), x.reshape(-1, x.shape[-1])
+        return gy @ x, (gy, x)
     if isinstance(base, nn.Conv2d):
         x, padding = _conv_padding(base, x)
-        return torch.nn.grad.conv2d_weight(x, base.weight.shape, gy, base.stride, padding, base.dilation, base.groups)
+        G = torch.nn.grad.conv2d_weight(x, base.weight.shape, gy, base.stride, padding, base.dilation, base.groups)
+        return G, None
     raise TypeError(f"first-step probe: no weight gradient for {type(base).__name__} layers")
 
 
+def _top_energy(G: torch.Tensor, factors, k: int, tol: float) -> tuple[float, float]:
+    """(Σ_{i≤k} σ_i² of G, the achieved relative tolerance): exact from G = gyᵀ·x when the tokens are fewer than
+    min(out, in), else by subspace iteration (`lowrank.top_singular_values`)."""
+    if factors is not None and factors[0].shape[1] < min(G.shape):
+        S = factor_svd(*factors)[1]
+        return float(S[:k].square().sum()), 0.0
+    top, achieved = top_singular_values(G.reshape(G.shape[0], -1), k, tol=tol)
+    return float(top.square().sum()), achieved
+
+
 def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], params: list, batch: dict, consume):
-    """One eval-mode backward on `batch` that calls consume(name, G) for each module as soon as its G exists and
-    keeps nothing: G = ∂L/∂W_eff from the module's input and output gradient. Only `params` require grad meanwhile
+    """One eval-mode backward on `batch` that calls consume(name, G, factors) for each module as soon as its G exists
+    and keeps nothing: G = ∂L/∂W_eff from the module's input and output gradient. Only `params` require grad meanwhile
     (so that the graph reaches every module); their gradients are freed the moment they are accumulated. The model's
     requires_grad flags, .grad values and training mode are restored."""
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -78,7 +91,7 @@ def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], para
         def hook(module, args, output):
             x = args[0]
             if output.requires_grad:
-                output.register_hook(lambda gy: consume(name, _weight_grad(module, x, gy)))
+                output.register_hook(lambda gy: consume(name, *_weight_grad(module, x, gy)))
 
         return hook
 
@@ -128,7 +141,9 @@ class FirstStepProbe:
             norms = []
             with torch.random.fork_rng():  # CPU and CUDA generators: the run must not shift
                 weights = [_base(m).weight for m in modules.values()]
-                stream_layer_gradients(model, modules, weights, self.batch, lambda n, G: norms.append(float(G.norm())))
+                stream_layer_gradients(
+                    model, modules, weights, self.batch, lambda n, G, _: norms.append(float(G.norm()))
+                )
             w_norm = sum(float(w.detach().norm()) for w in weights)
             self.lr = self.relative_step * w_norm / max(sum(norms), 1e-30)
         self.ready = True
@@ -150,17 +165,17 @@ class FirstStepProbe:
             updates = self._variant_step(model, variant, modules, stepped, own, lr)
             rows = {}
 
-            def consume(name, G):
+            def consume(name, G, factors):
                 u = -lr * G if name in own else updates.pop(name).dense().reshape(G.shape)
                 stats = alignment(u, -lr * G)
-                top, tol = top_singular_values(G.reshape(G.shape[0], -1), 2 * variant.rank, tol=self.tol)
+                top, tol = _top_energy(G, factors, 2 * variant.rank, self.tol)
                 total = float(G.square().sum())
                 rows[name] = {
                     "name": name,
                     "lr": lr,
                     **stats,
                     "rel_error_best_scale": 1 - stats["cosine"] ** 2,
-                    "eckart_young_2r": max(1 - float(top.square().sum()) / total, 0.0) if total > 0 else float("nan"),
+                    "eckart_young_2r": max(1 - top / total, 0.0) if total > 0 else float("nan"),
                     "eckart_young_tol": tol,
                 }
 

@@ -35,7 +35,7 @@ def top_singular_values(
     M: torch.Tensor,
     k: int,
     tol: float = 1e-6,
-    max_iter: int = 50,
+    max_iter: int = 16,
     oversample: int = 10,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, float]:
@@ -46,10 +46,11 @@ def top_singular_values(
     the Ritz values of Qᵀ·M approach M's top singular values from below (interlacing), and the loop stops when the
     top-k energy grows by less than `tol` (relative) in one iteration, or after `max_iter`; the last growth is
     returned as the achieved tolerance. Hand-written because `torch.svd_lowrank` takes a fixed iteration count and
-    reports no error."""
+    reports no error. In M's own precision (at least fp32): the products with M dominate the cost, and a stored
+    fp32 matrix's energy is not known beyond fp32 anyway."""
     m, n = M.shape
     k = min(k, m, n)
-    dtype = working_dtype(M)
+    dtype = torch.promote_types(M.dtype, torch.float32)
     M = M.to(dtype)
     if k + oversample >= min(m, n):
         return torch.linalg.svdvals(M)[:k], 0.0

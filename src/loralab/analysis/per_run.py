@@ -3,7 +3,8 @@
 Each is a small registered unit that says when it works — before the variant prepares the model, right after, or on
 each adapted matrix's ΔW at the end, one matrix at a time (`loralab.analysis.updates.MatrixUpdate`: factors where ΔW
 is low-rank, formed and dropped where it is not; never every ΔW at once) — and what it produces: a table (rows into
-the record and W&B), tensors (saved beside the result for the cross-run analyses), a figure. The runner calls the list in order at each point; adding one is a class here.
+the record and W&B), tensors (saved beside the result for the cross-run analyses), a figure. The runner calls the
+list in order at each point; adding one is a class here.
 """
 
 from __future__ import annotations
