@@ -74,7 +74,11 @@ def trainer_job(steps: int, out: Path) -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     lora = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], modules_to_save=["classifier", "pooler"]
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier", "pooler"],
     )
     model = get_peft_model(model, lora)
     accuracy = lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}  # noqa: E731
@@ -115,13 +119,12 @@ def trainer_job(steps: int, out: Path) -> None:
 def loralab_examples() -> dict:
     """loralab's own split of the default task, as (text, label) per split, for the data-equality check."""
     sys.path.insert(0, str(ROOT / "src"))  # this checkout's loralab, as the run.py subprocesses use
+    import pandas as pd  # noqa: PLC0415
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
     from loralab.config import register_configs  # noqa: PLC0415
     from loralab.models import resolve_path  # noqa: PLC0415
     from loralab.tasks.base import split_indices  # noqa: PLC0415
-
-    import pandas as pd  # noqa: PLC0415
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
