@@ -89,6 +89,19 @@ def trim():
         pass
 
 
+def timed(fn, total: list):
+    """`fn`, adding its wall time into total[0] (a stage inside another: the estimate in prepare, save in analyse)."""
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    return wrapper
+
+
 def build(args, torch):
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
@@ -147,16 +160,7 @@ def child(args) -> dict:
     variant = get_variant("loraga")(LoraGAVariantConfig(name="loraga", grad_batches=args.grad_batches), 8)
     analyses = make_analyses(ANALYSES, 8, targets)
     estimate_time = [0.0]
-    real_estimate = loraga_module.estimate_gradients
-
-    def timed_estimate(*a, **k):
-        start = time.perf_counter()
-        try:
-            return real_estimate(*a, **k)
-        finally:
-            estimate_time[0] += time.perf_counter() - start
-
-    loraga_module.estimate_gradients = timed_estimate
+    loraga_module.estimate_gradients = timed(loraga_module.estimate_gradients, estimate_time)
     with meter() as m_before:
         for analysis in analyses:
             analysis.before_prepare(model, train_batches[0])
@@ -190,16 +194,7 @@ def child(args) -> dict:
         variant.delta_weights = lambda m: {k: v for k, v in real_deltas(m).items() if k in keep}
         n_analysed = len(keep)
     save_time = [0.0]
-    real_save = variant.save
-
-    def timed_save(*a, **k):
-        start = time.perf_counter()
-        try:
-            return real_save(*a, **k)
-        finally:
-            save_time[0] += time.perf_counter() - start
-
-    variant.save = timed_save
+    variant.save = timed(variant.save, save_time)
     with tempfile.TemporaryDirectory() as tmp:
         job = SimpleNamespace(
             record=SimpleNamespace(delta_fro_norms={}, analysis={}, steps=2, run_dir="scale", artifacts={}),

@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+from test_first_step import old_first_step_alignment, setup  # the old probe (reference) and the tiny BERT setup
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -17,11 +18,7 @@ from loralab.analysis.per_run import make_analyses
 from loralab.analysis.spectrum import spectrum_table
 from loralab.analysis.subspace import as_matrix, delta_bases
 from loralab.analysis.updates import matrix_updates
-from loralab.config import target_modules, validate
-from loralab.models import build_model, build_tokenizer
-from loralab.targets import find_targets
-from loralab.tasks import load_task
-from loralab.variants import PrepareContext, get_variant
+from loralab.variants import PrepareContext
 
 ANALYSES = ["spectrum", "amplification", "subspace_bases"]
 
@@ -151,23 +148,9 @@ def test_random_baseline_has_the_closed_form_mean_of_a_random_matrix_svd():
 
 
 # ------------------------------------------------------------------ per-variant updates and tables
-def setup(compose_cfg, tmp_path, name, dtype=torch.float64):
-    cfg = compose_cfg(
-        "model=tiny_bert", f"variant={name}", "rank=4", "task.n_train=64", "task.n_val=10", "task.n_test=10",
-        *(["variant.grad_batches=2"] if name in ("loraga", "loraga_peft") else []),
-    )  # fmt: skip
-    validate(cfg)
-    variant = get_variant(cfg.variant.name)(cfg.variant, cfg.rank)
-    data = load_task(cfg.task, build_tokenizer(cfg.model))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.task, str(tmp_path)).to(dtype)
-    targets = find_targets(model, target_modules(cfg), exclude=list(cfg.model.head_modules))
-    return cfg, variant, targets, data, model
-
-
 def trained(compose_cfg, tmp_path, name, dtype):
     """A prepared model whose trainable parameters moved (a non-trivial ΔW), and copies of the pretrained W0."""
-    cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype)
+    cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype=dtype)
     modules = dict(model.named_modules())
     pretrained = {n: modules[n].weight.detach().clone().double() for n in targets}
     batch = dict(data.collate(data.train[:8]))
@@ -266,9 +249,7 @@ def model_bytes(model):
 def test_probe_extra_memory_is_one_layer_not_a_model(compose_cfg, tmp_path, name):
     """The old probe (two deep copies, every G at once) peaks above a model's bytes; the new one stays below a
     quarter of it on a model whose adapted matrices are most of its weights (activations of a 2-example batch)."""
-    from test_first_step import old_first_step_alignment  # noqa: PLC0415  (the reference implementation)
-
-    cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, torch.float32)
+    cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype=torch.float32)
     batch = dict(data.collate(data.train[:2]))
     ctx = PrepareContext(train_batches=lambda size: itertools.repeat(batch))
     torch.nn.Module.requires_grad_(model.get_input_embeddings(), False)

@@ -18,6 +18,8 @@ fine-tuning's G at the pretrained weights (up to the rounding of LoRA-GA's W0 �
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -77,14 +79,33 @@ def _top_energy(G: torch.Tensor, factors, k: int, tol: float) -> tuple[float, fl
     return float(top.square().sum()), achieved
 
 
-def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], params: list, batch: dict, consume):
-    """One eval-mode backward on `batch` that calls consume(name, G, factors) for each module as soon as its G exists
-    and keeps nothing: G = ∂L/∂W_eff from the module's input and output gradient. Only `params` require grad meanwhile
-    (so that the graph reaches every module); their gradients are freed the moment they are accumulated. The model's
-    requires_grad flags, .grad values and training mode are restored."""
+@contextmanager
+def _kept_state(model: nn.Module, params: list):
+    """Inside: eval mode, only `params` require grad, every .grad None. On exit the model's requires_grad flags,
+    .grad values and training mode are as they were."""
     flags = {p: p.requires_grad for p in model.parameters()}
     previous = {p: p.grad for p in flags}
     was_training = model.training
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        for p in flags:
+            p.grad = None
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = previous[p]
+        model.train(was_training)
+
+
+def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], params: list, batch: dict, consume):
+    """One eval-mode backward on `batch` that calls consume(name, G, factors) for each module as soon as its G exists
+    and keeps nothing: G = ∂L/∂W_eff from the module's input and output gradient. Only `params` require grad
+    meanwhile (so that the graph reaches every module); their gradients are freed the moment they are accumulated.
+    The model's state is restored (`_kept_state`)."""
     handles = []
 
     def on_forward(name):
@@ -95,24 +116,15 @@ def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], para
 
         return hook
 
-    try:
-        model.eval()
-        model.requires_grad_(False)
-        for p in flags:
-            p.grad = None
-        for p in params:
-            p.requires_grad_(True)
-            handles.append(p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)))
-        handles += [m.register_forward_hook(on_forward(n)) for n, m in modules.items()]
-        with torch.enable_grad():
-            model(**batch).loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = previous[p]
-        model.train(was_training)
+    with _kept_state(model, params):
+        try:
+            handles += [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
+            handles += [m.register_forward_hook(on_forward(n)) for n, m in modules.items()]
+            with torch.enable_grad():
+                model(**batch).loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class FirstStepProbe:
@@ -189,29 +201,17 @@ class FirstStepProbe:
         """ΔW of one SGD step on `params` (eval mode), as MatrixUpdates holding copies, with `params` restored."""
         if not params:
             return {}
-        flags = {p: p.requires_grad for p in model.parameters()}
-        previous = {p: p.grad for p in flags}
         snapshot = [p.detach().clone() for p in params]
-        was_training = model.training
         try:
-            model.eval()
-            model.requires_grad_(False)
-            for p in params:
-                p.requires_grad_(True)
-                p.grad = None
-            with torch.enable_grad():
-                model(**self.batch).loss.backward()
-            with torch.no_grad():  # torch.optim.SGD without momentum or weight decay: p ← p − lr·∂L/∂p
-                for p in params:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-lr)
-                        p.grad = None
-                return {u.name: u for u in matrix_updates(model, variant) if u.name not in own}
+            with _kept_state(model, params):
+                with torch.enable_grad():
+                    model(**self.batch).loss.backward()
+                with torch.no_grad():  # torch.optim.SGD without momentum or weight decay: p ← p − lr·∂L/∂p
+                    for p in params:
+                        if p.grad is not None:
+                            p.add_(p.grad, alpha=-lr)
+                    return {u.name: u for u in matrix_updates(model, variant) if u.name not in own}
         finally:
             with torch.no_grad():
                 for p, saved in zip(params, snapshot):
                     p.copy_(saved)
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-                p.grad = previous[p]
-            model.train(was_training)
