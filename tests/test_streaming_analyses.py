@@ -247,8 +247,8 @@ def model_bytes(model):
 
 @pytest.mark.parametrize("name", ["lora", "loraga", "lierra"])
 def test_probe_extra_memory_is_one_layer_not_a_model(compose_cfg, tmp_path, name):
-    """The old probe (two deep copies, every G at once) peaks above a model's bytes; the new one stays below a
-    quarter of it on a model whose adapted matrices are most of its weights (activations of a 2-example batch)."""
+    """The old probe (two deep copies, every G at once) peaks above a model's bytes; the new one, activations of a
+    2-example batch included, stays below a quarter of them, and its parameters keep their storage."""
     cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype=torch.float32)
     batch = dict(data.collate(data.train[:2]))
     ctx = PrepareContext(train_batches=lambda size: itertools.repeat(batch))

@@ -179,9 +179,9 @@ def analyse(job: Job) -> None:
         factors = job.variant.factors(model) if analyses else {}  # adapter-sized
         # one matrix at a time: its ΔW (factors, or formed where full-rank) is analysed, then dropped
         for update in tqdm(matrix_updates(model, job.variant), desc="analyses", total=len(job.targets), disable=None):
-            record.delta_fro_norms[update.name] = update.fro_norm()
             for analysis in analyses:
                 analysis.add(update, factors.get(update.name))
+            record.delta_fro_norms[update.name] = update.fro_norm()  # from the analyses' SVD where they took one
             del update
         tensors = {}
         for analysis in analyses:

@@ -74,7 +74,10 @@ class MatrixUpdate:
         return torch.cat([S, S.new_zeros(missing)]) if missing > 0 else S
 
     def fro_norm(self) -> float:
-        return float(torch.linalg.vector_norm(self.svd()[1])) if self.low_rank else float(self.dense().norm())
+        """‖ΔW‖_F: from the singular values when they are known or cheap (factors), else from ΔW formed."""
+        if self.low_rank or self._svd is not None:
+            return float(torch.linalg.vector_norm(self.svd()[1]))
+        return float(self.dense().norm())
 
 
 def _eps(t: torch.Tensor) -> float:
