@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast lint clean bench figures analyze
+.PHONY: setup demo test test-fast lint clean bench bench-scale bench-trainer gpu-check figures analyze
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -36,6 +36,19 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/variants.py
+
+# `make bench-scale`: a whole LoRA-GA job at 0.25B and 1B, old vs new code path (SIZES=tiny for a smoke check)
+SIZES ?= 0.25b,1b
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py --sizes $(SIZES)
+
+# `make bench-trainer`: the default job vs the same job as HF Trainer + PEFT code (REPEATS=3)
+REPEATS ?= 3
+bench-trainer: $(STAMP)
+	$(BIN)/python benchmarks/default_vs_trainer.py --repeats $(REPEATS)
+
+gpu-check: $(STAMP)
+	PY=$(BIN)/python bash benchmarks/gpu_check.sh
 
 # `make figures`: every experiment under $(RESULTS); EXPERIMENT=<name> narrows it, OUT=<dir> redirects it.
 RESULTS ?= results

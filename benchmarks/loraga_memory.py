@@ -50,11 +50,11 @@ def build(args):
         num_key_value_heads=args.hidden // 128,
         max_position_embeddings=args.length,
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(args.device)
     gen = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(args.batches):
-        ids = torch.randint(0, args.vocab, (args.batch, args.length), generator=gen)
+        ids = torch.randint(0, args.vocab, (args.batch, args.length), generator=gen).to(args.device)
         batches.append({"input_ids": ids, "labels": ids})
     return model, batches, find_targets(model, LINEAR)
 
@@ -79,7 +79,8 @@ def measure(method: str, args) -> dict:
     proc = psutil.Process()
     baseline = proc.memory_info().rss
     peak_grad, handles = attached_gradient_meter(model, targets)
-    mem = PeakMemory(interval=0.002)
+    mem = PeakMemory(interval=0.002)  # on CUDA it also resets and reads the allocator's peak
+    cuda_base = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     start = time.perf_counter()
     with mem:
         if method == "loralab":
@@ -107,6 +108,7 @@ def measure(method: str, args) -> dict:
         "model_rss_mb": baseline / 2**20,
         "peak_rss_above_model_mb": (mem.peak_rss - baseline) / 2**20,
         "peak_grads_on_model_mb": peak_grad[0] / 2**20,
+        "peak_cuda_above_model_mb": (torch.cuda.max_memory_allocated() - cuda_base) / 2**20 if cuda_base else 0.0,
         "time_s": elapsed,
     }
 
@@ -121,11 +123,19 @@ def row(label: str, ours: dict, peft: dict, key: str, unit: str) -> str:
     return f"| {label} | {ours[key]:.1f}{unit} | {peft[key]:.1f}{unit} | {ours[key] / max(peft[key], 1e-9):.3f} |"
 
 
+CPU_CAVEATS = [
+    "Caveats: RSS is sampled every 2 ms and includes allocator caching (approximate; the gradient row is",
+    "exact). The 2 cores are shared with other processes: times are indicative only. No GPU was available for",
+    "this run: the device-memory claim rests on the exact count of gradient bytes attached to the model, not on",
+    "a GPU allocator reading.",
+]
+
+
 def report(args, runs: dict, max_diff: float) -> str:
     ours, peft = runs["loralab"], runs["peft"]
     mb = 2**20
     lines = [
-        "# LoRA-GA gradient estimate: memory, loralab streaming vs PEFT `preprocess_loraga` (CPU)",
+        f"# LoRA-GA gradient estimate: memory, loralab streaming vs PEFT `preprocess_loraga` ({args.device.upper()})",
         "",
         f"Written by `{' '.join(['python benchmarks/loraga_memory.py', *sys.argv[1:]])}` (load average before the "
         f"run: {args.load:.2f}).",
@@ -143,6 +153,11 @@ def report(args, runs: dict, max_diff: float) -> str:
         "|---|---|---|---|",
         row("gradient bytes on the model's weights, peak (exact)", ours, peft, "peak_grads_on_model_mb", " MB"),
         row("process RSS above the loaded model, peak (sampled)", ours, peft, "peak_rss_above_model_mb", " MB"),
+        *(
+            [row("CUDA allocated above the loaded model, peak", ours, peft, "peak_cuda_above_model_mb", " MB")]
+            if args.device == "cuda"
+            else []
+        ),
         row("loaded model + batches (RSS)", ours, peft, "model_rss_mb", " MB"),
         row("time of the estimate", ours, peft, "time_s", " s"),
         "",
@@ -156,10 +171,7 @@ def report(args, runs: dict, max_diff: float) -> str:
         "memory. On this CPU-only machine the offload device *is* the model's device: the accumulators take the same",
         "RAM as PEFT's `.grad` tensors, so the RSS row compares total memory, where the two should be close.",
         "",
-        "Caveats: RSS is sampled every 2 ms and includes allocator caching (approximate; the gradient row is",
-        "exact). The 2 cores are shared with other processes: times are indicative only. No GPU was available for",
-        "this run: the device-memory claim rests on the exact count of gradient bytes attached to the model, not on",
-        "a GPU allocator reading.",
+        *(CPU_CAVEATS if args.device == "cpu" else ["On CUDA the allocator row is the device-memory reading."]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -174,6 +186,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "loraga-memory-cpu.md"))
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--grads-out", help=argparse.SUPPRESS)

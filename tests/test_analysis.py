@@ -204,7 +204,17 @@ def test_amplification_conv_and_table():
     assert out["norm_W"] == pytest.approx(float(W.double().norm()), rel=1e-12)
     table = amplification_table({"a": W, "b": W[:, :, 0, 0], "c": W}, {"a": dW, "b": dW[:, :, 0, 0]}, r=2)
     assert list(table["name"]) == ["a", "b"]
-    assert list(table.columns) == ["name", "r", "proj_dW", "proj_W", "proj_random", "norm_W", "norm_dW", "factor"]
+    assert list(table.columns) == [
+        "name",
+        "r",
+        "proj_dW",
+        "proj_W",
+        "proj_W_tol",
+        "proj_random",
+        "norm_W",
+        "norm_dW",
+        "factor",
+    ]
     assert table.loc[0, "proj_dW"] == pytest.approx(out["proj_dW"], rel=1e-12)
 
 

@@ -256,15 +256,22 @@ def test_bad_loraga_options(compose_cfg):
 
 def test_first_step_alignment_analysis_reaches_eckart_young(compose_cfg, tmp_path):
     """The per-run analysis on the same closed form: LoRA-GA (gd) matches the rank-2r optimum, LoRA does not."""
-    from loralab.analysis.first_step import first_step_alignment
+    from loralab.analysis.first_step import FirstStepProbe
     from loralab.variants.lora import Lora, LoraVariantConfig
 
     cfg, variant, targets, data, model = tiny_setup(
         compose_cfg, tmp_path, "variant.scale=gd", "variant.grad_batches=1", dtype=torch.float64, model="minilm"
     )
     batch = fixed_batch(data)
-    ga = first_step_alignment(model, variant, targets, batch, lr=1e-6)
-    plain = first_step_alignment(model, Lora(LoraVariantConfig(name="lora"), 4), targets, batch, lr=1e-6)
+
+    def probe_rows(variant):  # as a run does it, on its own copy of the pretrained model (two variants here)
+        probe, own = FirstStepProbe(targets, batch, lr=1e-6), copy.deepcopy(model)
+        probe.before_prepare(own)
+        own = variant.prepare(own, targets, [], PrepareContext(train_batches=lambda size: repeat(batch)))
+        return probe.after_prepare(own, variant)
+
+    ga = probe_rows(variant)
+    plain = probe_rows(Lora(LoraVariantConfig(name="lora"), 4))
     for g, p in zip(ga, plain):
         assert abs(g["rel_error"] - g["eckart_young_2r"]) < 1e-3
         assert g["cosine"] > p["cosine"]

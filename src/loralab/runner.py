@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from loralab.analysis.per_run import PerRunAnalysis, make_analyses
+from loralab.analysis.updates import matrix_updates
 from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
@@ -176,27 +177,31 @@ def analyse(job: Job) -> None:
     """Stage 5: ΔW per adapted matrix, the configured analyses on it, their tables / tensors / figures; weights."""
     record, model = job.record, job.model
     with gathered_parameters(model):  # FSDP: whole matrices for the analyses and the saved weights
-        deltas = job.variant.delta_weights(model)
-        record.delta_fro_norms = {n: float(d.norm()) for n, d in deltas.items()}
-        if job.analyses and job.main:
-            factors, tensors = job.variant.factors(model), {}
-            for analysis in tqdm(job.analyses, desc="analyses", disable=None):  # a bar in a terminal
-                rows = analysis.after_training(deltas, factors)
-                tensors.update(analysis.tensors())
-                if rows:
-                    record.analysis[analysis.name] = rows
-                    job.tracker.log_table(f"analysis/{analysis.name}", rows, step=record.steps)
-                    if job.tracker.location:  # a real W&B run: the analysis's figure as an image
-                        path = job.out / f"{analysis.name}.png"
-                        path.parent.mkdir(parents=True, exist_ok=True)  # the run directory may not exist yet
-                        if analysis.figure(rows, path, f"{analysis.name}: {record.run_dir}"):
-                            # its own key: under the table's key the image would replace the table in W&B
-                            job.tracker.log_image(f"analysis/{analysis.name}_figure", str(path), step=record.steps)
-            if tensors:
-                with atomic_path(job.out / BASES_FILE, suffix=".safetensors") as tmp:
-                    save_file(tensors, str(tmp))
-                record.artifacts["bases"] = job.relative(job.out / BASES_FILE)
-        del deltas
+        analyses = job.analyses if job.main else []
+        factors = job.variant.factors(model) if analyses else {}  # adapter-sized
+        # one matrix at a time: its ΔW (factors, or formed where full-rank) is analysed, then dropped
+        for update in tqdm(matrix_updates(model, job.variant), desc="analyses", total=len(job.targets), disable=None):
+            for analysis in analyses:
+                analysis.add(update, factors.get(update.name))
+            record.delta_fro_norms[update.name] = update.fro_norm()  # from the analyses' SVD where they took one
+            del update
+        tensors = {}
+        for analysis in analyses:
+            rows = analysis.rows()
+            tensors.update(analysis.tensors())
+            if rows:
+                record.analysis[analysis.name] = rows
+                job.tracker.log_table(f"analysis/{analysis.name}", rows, step=record.steps)
+                if job.tracker.location:  # a real W&B run: the analysis's figure as an image
+                    path = job.out / f"{analysis.name}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)  # the run directory may not exist yet
+                    if analysis.figure(rows, path, f"{analysis.name}: {record.run_dir}"):
+                        # its own key: under the table's key the image would replace the table in W&B
+                        job.tracker.log_image(f"analysis/{analysis.name}_figure", str(path), step=record.steps)
+        if tensors:
+            with atomic_path(job.out / BASES_FILE, suffix=".safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            record.artifacts["bases"] = job.relative(job.out / BASES_FILE)
         if job.cfg.save_weights and job.main:
             with atomic_dir(job.out / "weights") as tmp:
                 job.variant.save(job.accelerator.unwrap_model(model), tmp)

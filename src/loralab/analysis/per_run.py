@@ -1,8 +1,10 @@
 """The analyses a job runs on its own update, as one configured list (`analyses: [spectrum, amplification, ...]`).
 
 Each is a small registered unit that says when it works — before the variant prepares the model, right after, or on
-ΔW at the end — and what it produces: a table (rows into the record and W&B), tensors (saved beside the result for
-the cross-run analyses), a figure. The runner calls the list in order at each point; adding one is a class here.
+each adapted matrix's ΔW at the end, one matrix at a time (`loralab.analysis.updates.MatrixUpdate`: factors where ΔW
+is low-rank, formed and dropped where it is not; never every ΔW at once) — and what it produces: a table (rows into
+the record and W&B), tensors (saved beside the result for the cross-run analyses), a figure. The runner calls the
+list in order at each point; adding one is a class here.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loralab.analysis.amplification import amplification_table
+from loralab.analysis.amplification import amplification_of_update
 from loralab.analysis.first_step import FirstStepProbe
-from loralab.analysis.spectrum import spectrum_table
-from loralab.analysis.subspace import as_matrix, delta_bases, left_basis, right_basis
-from loralab.variants.base import cpu_copy
+from loralab.analysis.spectrum import spectrum_of_update
+from loralab.analysis.subspace import left_basis, right_basis
+from loralab.analysis.updates import MatrixUpdate
 
 MAX_BASIS = 64  # directions of ΔW kept for φ grids (the LoRA paper's largest rank)
 
@@ -35,8 +37,12 @@ class PerRunAnalysis:
     def after_prepare(self, model: torch.nn.Module, variant) -> None:
         """The prepared model (adapters in place, no-op at init), before the first optimizer step."""
 
-    def after_training(self, deltas: dict[str, torch.Tensor], factors: dict) -> list[dict]:
-        """Table rows from ΔW = W_final − W0 per adapted matrix and the variant's (A, B) factors."""
+    def add(self, update: MatrixUpdate, factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """One adapted matrix's ΔW = W_final − W0 (and the variant's (A, B) factors of it, if it has them); the
+        update is dropped after every analysis has seen it."""
+
+    def rows(self) -> list[dict]:
+        """Table rows, once every matrix has been added."""
         return []
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -57,10 +63,17 @@ class Spectrum(PerRunAnalysis):
         # at least 3r values: LoRA-GA's ΔW has rank <= 2r, and its drop after 2r must be visible
         return max(3 * self.rank, 16)
 
-    def after_training(self, deltas, factors):
-        table = spectrum_table(deltas, keep_singular_values=True)
-        table["singular_values"] = table["singular_values"].map(lambda s: [float(x) for x in s[: self.keep()]])
-        return table.to_dict("records")
+    def __init__(self, rank, targets):
+        super().__init__(rank, targets)
+        self.table = []
+
+    def add(self, update, factors):
+        row = {"name": update.name, "shape": tuple(update.shape), **spectrum_of_update(update)}
+        row["singular_values"] = row.pop("singular_values")[: self.keep()]
+        self.table.append(row)
+
+    def rows(self):
+        return self.table
 
     def figure(self, rows, path, title):
         from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: no global backend is chosen here)
@@ -82,14 +95,17 @@ class Amplification(PerRunAnalysis):
 
     name = "amplification"
 
-    def before_prepare(self, model, batch):
-        modules = dict(model.named_modules())
-        self.initial = {n: cpu_copy(modules[n].weight) for n in self.targets}  # the pretrained W
+    def __init__(self, rank, targets, seed: int = 0):
+        super().__init__(rank, targets)
+        self.generator = torch.Generator().manual_seed(seed)  # the random baselines, in matrix order
+        self.table = []
 
-    def after_training(self, deltas, factors):
-        rows = amplification_table(self.initial, deltas, r=self.rank).to_dict("records")
-        del self.initial
-        return rows
+    def add(self, update, factors):
+        # W0 is recomputed from the model (frozen weight, + s·B0·A0 where the init moved it out): no copy is kept
+        self.table.append({"name": update.name, **amplification_of_update(update, self.rank, self.generator)})
+
+    def rows(self):
+        return self.table
 
 
 class SubspaceBases(PerRunAnalysis):
@@ -98,15 +114,19 @@ class SubspaceBases(PerRunAnalysis):
 
     name = "subspace_bases"
 
-    def after_training(self, deltas, factors):
+    def __init__(self, rank, targets):
+        super().__init__(rank, targets)
         self.bases = {}
-        for name, dW in deltas.items():
-            k = min(max(self.rank, 1), MAX_BASIS, *as_matrix(dW).shape)
-            self.bases[f"{name}|dW_left"], self.bases[f"{name}|dW_right"] = delta_bases(dW, k)
-            if name in factors:
-                A, B = factors[name]
-                self.bases[f"{name}|A_right"], self.bases[f"{name}|B_left"] = right_basis(A), left_basis(B)
-        return []
+
+    def add(self, update, factors):
+        name = update.name
+        k = min(max(self.rank, 1), MAX_BASIS, *update.matrix_shape)
+        U, _, Vh = update.svd()  # shared with the other analyses of this matrix (exact from factors if low-rank)
+        self.bases[f"{name}|dW_left"] = U[:, :k].float().cpu().contiguous()
+        self.bases[f"{name}|dW_right"] = Vh[:k].transpose(0, 1).float().cpu().contiguous()
+        if factors is not None:
+            A, B = factors
+            self.bases[f"{name}|A_right"], self.bases[f"{name}|B_left"] = right_basis(A), left_basis(B)
 
     def tensors(self):
         return {k: v.float().contiguous() for k, v in self.bases.items()}
@@ -122,11 +142,11 @@ class FirstStep(PerRunAnalysis):
         self.probe.before_prepare(model)
 
     def after_prepare(self, model, variant):
-        self.rows = self.probe.after_prepare(model, variant)
+        self.table = self.probe.after_prepare(model, variant)
         del self.probe
 
-    def after_training(self, deltas, factors):
-        return self.rows
+    def rows(self):
+        return self.table
 
 
 ANALYSES: dict[str, type[PerRunAnalysis]] = {c.name: c for c in (Spectrum, Amplification, SubspaceBases, FirstStep)}

@@ -56,6 +56,14 @@ def spectrum(dW, energy: float = 0.9, eps: float | None = None) -> dict:
     return _summary(sigma, tuple(M.shape), input_eps(dW) if eps is None else eps, energy)
 
 
+def spectrum_of_update(update, energy: float = 0.9) -> dict:
+    """:func:`spectrum` of a :class:`~loralab.analysis.updates.MatrixUpdate` from its (cached) SVD: exact from the
+    factors for a low-rank ΔW (the values beyond its rank are exact zeros), else one full SVD; the numerical-rank
+    epsilon is that of the dtype ΔW is stored in, as :func:`spectrum` uses."""
+    sigma = update.singular_values().cpu().numpy().astype(np.float64)
+    return _summary(sigma, update.matrix_shape, update.eps, energy)
+
+
 def spectrum_table(
     deltas: dict, energy: float = 0.9, keep_singular_values: bool = False, chunk: int = 16
 ) -> pd.DataFrame:

@@ -15,13 +15,14 @@ class FullFinetune(Variant):
 
     def prepare(self, model, targets, head_modules, ctx=None):
         modules = dict(model.named_modules())
-        self.initial = {n: cpu_copy(modules[n].weight) for n in targets}
+        # W is overwritten in training: W0 kept on CPU in the model's dtype, one matrix at a time
+        self.initial = {n: modules[n].weight.detach().to("cpu", copy=True) for n in targets}
         model.requires_grad_(True)
         return model
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
-        return {n: cpu_copy(modules[n].weight) - w0 for n, w0 in self.initial.items()}
+        return {n: cpu_copy(modules[n].weight) - cpu_copy(w0) for n, w0 in self.initial.items()}
 
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))  # model.safetensors + config.json

@@ -67,21 +67,24 @@ class Lora(Variant):
 
     def prepare(self, model, targets, head_modules, ctx=None):
         model = get_peft_model(model, self.peft_config(targets, head_modules, ctx))
-        # inits such as PiSSA move s·B0·A0 out of the frozen weight: ΔW = W_final − W0 = s·(B·A − B0·A0).
-        # Only non-zero initial products are kept (plain LoRA keeps none: B0 = 0).
-        self.initial_delta = {}
+        # inits such as PiSSA move s·B0·A0 out of the frozen weight: ΔW = W_final − W0 = s·(B·A − B0·A0). Only
+        # non-zero initial products are kept, as their factors (adapter-sized; plain LoRA keeps none: B0 = 0)
+        self.factors_init = {}
         for name, layer in lora_layers(model).items():
-            delta = cpu_copy(layer.get_delta_weight("default"))
-            if delta.any():
-                self.initial_delta[name] = delta
+            if layer.get_delta_weight("default").any():
+                self.factors_init[name] = (
+                    cpu_copy(layer.lora_A["default"].weight),
+                    cpu_copy(layer.lora_B["default"].weight),
+                )
         return model
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = {}
         for name, layer in lora_layers(model).items():
             out[name] = cpu_copy(layer.get_delta_weight("default"))
-            if name in self.initial_delta:
-                out[name] -= self.initial_delta[name]
+            if name in self.factors_init:
+                A0, B0 = self.factors_init[name]
+                out[name] -= ((B0 @ A0) * layer.scaling["default"]).reshape(out[name].shape)
         return out
 
     def factors(self, model):

@@ -49,7 +49,10 @@ class Dora(Lora):
 
     def prepare(self, model, targets, head_modules, ctx=None):
         model = super().prepare(model, targets, head_modules, ctx)
-        self.initial = {n: cpu_copy(m.get_base_layer().weight) for n, m in lora_layers(model).items()}
+        # on CPU in the model's dtype (the streaming analyses read W0 from the frozen base weight instead)
+        self.initial = {
+            n: m.get_base_layer().weight.detach().to("cpu", copy=True) for n, m in lora_layers(model).items()
+        }
         return model
 
     def delta_weights(self, model):
@@ -58,7 +61,7 @@ class Dora(Lora):
         for name, layer in lora_layers(model).items():
             merged = copy.deepcopy(layer)
             merged.merge()
-            out[name] = cpu_copy(merged.get_base_layer().weight) - self.initial[name]
+            out[name] = cpu_copy(merged.get_base_layer().weight) - cpu_copy(self.initial[name])
         return out
 
 

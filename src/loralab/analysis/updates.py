@@ -1,0 +1,196 @@
+"""The effective update ΔW = W_final − W0 of each adapted matrix, one matrix at a time, in its cheapest exact form.
+
+A :class:`MatrixUpdate` holds what ΔW and W0 are made of, not the m x n matrices: low-rank factors (ΔW = left·right:
+LoRA, rsLoRA, LoRA+ s·B·A; LoRA-GA, PiSSA, PEFT's LoRA-GA s·(B·A − B0·A0) = [s·B, −s·B0]·[A; A0]; AdaLoRA
+s/(ranknum+1e-5)·B·(A ⊙ E)) or, for full-rank updates (LieRA W0 ⊙ s·B·A, DoRA, full fine-tuning), a function
+that forms ΔW. W0 is recomputed from the model: the frozen weight (LoRA, LieRA, DoRA) plus s·B0·A0 where the init
+moved it out (LoRA-GA, PiSSA); only full fine-tuning, which overwrites W, needs the variant's own copy.
+
+:func:`matrix_updates` yields one per adapted matrix; the analyses consume it and drop it, so at most one ΔW is
+formed at a time. Each form is tested against the variant's `delta_weights` (the reference, all matrices at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loralab.analysis.lowrank import factor_svd, working_dtype
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _hi(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+
+@dataclass
+class MatrixUpdate:
+    """ΔW and W0 of one adapted matrix (conv kernels flattened to out x rest by :meth:`matrix`)."""
+
+    name: str
+    shape: torch.Size  # the weight's own shape
+    initial: Callable[[], torch.Tensor]  # W0 (weight-shaped), formed on demand
+    left: torch.Tensor | None = None  # low rank: ΔW = left @ right as out x rest matrices
+    right: torch.Tensor | None = None
+    form: Callable[[], torch.Tensor] | None = None  # full rank: forms ΔW (weight-shaped)
+    eps: float = float(torch.finfo(torch.float32).eps)  # machine epsilon of the dtype ΔW is stored in
+    _svd: tuple | None = field(default=None, repr=False)
+
+    @property
+    def low_rank(self) -> bool:
+        return self.left is not None
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.shape[0], self.shape.numel() // self.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        """ΔW formed (weight-shaped, at least fp32): for the analyses that need every entry."""
+        if self.low_rank:
+            return (_hi(self.left) @ _hi(self.right).to(self.left.device)).reshape(self.shape)
+        return self.form()
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, S, Vh) of ΔW as an out x rest matrix, cached: from the factors (min(m, n, k) triplets, exact) or one
+        full SVD shared by every analysis of this matrix (float64 on CPU, float32 on an accelerator)."""
+        if self._svd is None:
+            if self.low_rank:
+                self._svd = factor_svd(_matrix(self.left), _matrix(self.right))
+            else:
+                M = _matrix(self.dense())
+                self._svd = torch.linalg.svd(M.to(working_dtype(M)), full_matrices=False)
+        return self._svd
+
+    def singular_values(self) -> torch.Tensor:
+        """All min(m, n) singular values, descending (the factor form's rank-deficit as exact zeros)."""
+        S = self.svd()[1]
+        missing = min(self.matrix_shape) - S.numel()
+        return torch.cat([S, S.new_zeros(missing)]) if missing > 0 else S
+
+    def fro_norm(self) -> float:
+        """‖ΔW‖_F: from the singular values when they are known or cheap (factors), else from ΔW formed."""
+        if self.low_rank or self._svd is not None:
+            return float(torch.linalg.vector_norm(self.svd()[1]))
+        return float(self.dense().norm())
+
+
+def _eps(t: torch.Tensor) -> float:
+    return float(torch.finfo(torch.promote_types(t.dtype, torch.float32)).eps)
+
+
+def _plain_lora(layer) -> bool:
+    """A PEFT LoRA layer whose ΔW is s·B·A of its two factor matrices (Linear, or Conv2d with a 1x1 B)."""
+    base = layer.get_base_layer()
+    if getattr(layer, "use_dora", {}).get("default") or hasattr(layer, "lora_E"):
+        return False
+    return isinstance(base, nn.Linear) or (isinstance(base, nn.Conv2d) and base.groups == 1)
+
+
+def _lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with s·B·A = left @ right in the base weight's (out x rest) layout."""
+    s = layer.scaling["default"]
+    # copies (adapter-sized): the factors of this moment, whatever the model's parameters do next
+    A, B = (_matrix(_hi(layer.lora_A["default"].weight)).clone(), _matrix(_hi(layer.lora_B["default"].weight)))
+    if getattr(layer, "fan_in_fan_out", False):  # GPT-2's Conv1D stores Wᵀ
+        return A.transpose(0, 1), s * B.transpose(0, 1)
+    return s * B, A
+
+
+def _peft_update(name: str, layer, variant) -> MatrixUpdate:
+    base = layer.get_base_layer().weight
+    init = getattr(variant, "factors_init", {}).get(name)  # LoRA-GA's (A0, B0) (CPU, at least fp32)
+    dense_init = getattr(variant, "initial_delta", {}).get(name)  # an init product kept as a matrix
+    s = layer.scaling["default"]
+
+    def initial():
+        w0 = _hi(base)
+        if init is not None:
+            A0, B0 = init
+            w0 = w0 + s * (B0.to(w0) @ A0.to(w0)).reshape(w0.shape)
+        if dense_init is not None:
+            w0 = w0 + dense_init.to(w0)
+        return w0
+
+    if _plain_lora(layer) and dense_init is None:
+        left, right = _lora_factors(layer)
+        if init is not None:
+            A0, B0 = (t.to(left) for t in init)
+            left, right = torch.cat([left, -s * B0], dim=1), torch.cat([right, A0], dim=0)
+        return MatrixUpdate(name, base.shape, initial, left=left, right=right, eps=_eps(base))
+    if getattr(layer, "use_dora", {}).get("default") and isinstance(layer.get_base_layer(), nn.Linear):
+        # DoRA (PEFT's merge): W = m / ‖W0 + s·B·A‖_row ⊙ (W0 + s·B·A); m, A, B copied (adapter-sized) so that the
+        # form stays the one of this moment
+        m = _hi(layer.lora_magnitude_vector["default"].weight).clone()
+        left, right = _lora_factors(layer)
+
+        def form():
+            w0 = _hi(base)
+            w = w0 + left @ right
+            return (m / torch.linalg.norm(w, dim=1)).view(-1, 1) * w - w0
+
+        return MatrixUpdate(name, base.shape, initial, form=form, eps=_eps(base))
+    if hasattr(layer, "lora_E"):  # AdaLoRA: s/(ranknum + 1e-5)·B·(A ⊙ E), PEFT's get_delta_weight as factors
+        c = layer.scaling["default"] / (float(layer.ranknum["default"].detach()) + 1e-5)
+        left = c * _hi(layer.lora_B["default"])
+        right = _hi(layer.lora_A["default"]) * _hi(layer.lora_E["default"])
+        if not getattr(layer, "fan_in_fan_out", False) and dense_init is None:
+            return MatrixUpdate(name, base.shape, initial, left=left, right=right, eps=_eps(base))
+    # any other PEFT layer: PEFT's own ΔW, formed now (one matrix)
+    delta = _hi(layer.get_delta_weight("default")).reshape(base.shape)
+    if dense_init is not None:
+        delta = delta - dense_init.to(delta)
+    return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
+
+
+def _liera_update(name: str, layer) -> MatrixUpdate:
+    from loralab.variants.lierra import _scaled_delta, _weight  # noqa: PLC0415  (the variant's exact maths)
+
+    base = layer.base_layer.weight
+    w0 = base if not layer.merged else layer._w0
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()  # adapter-sized: this moment's factors
+    s, exact = layer.scaling, layer.exact_exp
+
+    def form():  # W0 ⊙ s·B·A (or W0 ⊙ expm1(s·B·A)): full rank in general
+        return _weight(w0, _scaled_delta(a, b, s, w0.shape), exact, False)
+
+    return MatrixUpdate(name, base.shape, lambda: _hi(w0), form=form, eps=_eps(base))
+
+
+def matrix_updates(model: nn.Module, variant) -> Iterator[MatrixUpdate]:
+    """One :class:`MatrixUpdate` per adapted matrix of `variant` on `model`, keyed by the base model's layer name
+    (the order of `variant.delta_weights`). Nothing m x n is formed until an analysis asks for it."""
+    from loralab.variants.full import FullFinetune  # noqa: PLC0415  (variants import the analysis package)
+    from loralab.variants.lierra import liera_layers  # noqa: PLC0415
+    from loralab.variants.lora import lora_layers  # noqa: PLC0415
+
+    if isinstance(variant, FullFinetune):  # W is overwritten: W0 is the variant's CPU copy
+        modules = dict(model.named_modules())
+        for name, w0 in variant.initial.items():
+            weight = modules[name].weight
+            yield MatrixUpdate(
+                name,
+                weight.shape,
+                lambda w0=w0: _hi(w0),
+                form=lambda w=weight, w0=w0: _hi(w) - w0.to(_hi(w)),
+                eps=_eps(weight),
+            )
+        return
+    peft = lora_layers(model)
+    if peft:
+        for name, layer in peft.items():
+            yield _peft_update(name, layer, variant)
+        return
+    liera = liera_layers(model)
+    if liera:
+        for name, layer in liera.items():
+            yield _liera_update(name, layer)
+        return
+    # a variant this module does not know: its own ΔW, all matrices at once (W0 is not recomputable here)
+    for name, delta in variant.delta_weights(model).items():
+        yield MatrixUpdate(name, delta.shape, lambda: None, form=lambda d=delta: d, eps=_eps(delta))
