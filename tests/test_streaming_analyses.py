@@ -266,3 +266,47 @@ def test_probe_extra_memory_is_one_layer_not_a_model(compose_cfg, tmp_path, name
     assert {p.untyped_storage().data_ptr() for p in model.parameters()} == storages  # restored in place
     assert old.peak > size  # the test can fail: a copy of the model is seen
     assert before.peak < 0.25 * size and after.peak < 0.25 * size, (before.peak, after.peak, size)
+
+
+CONV_VARIANTS = ["lora", "dora", "pissa", "lierra", "pissa_lierra", "dora_lierra", "full"]
+
+
+@pytest.mark.parametrize("name", CONV_VARIANTS)
+def test_matrix_updates_on_conv_kernels_in_loralibs_layout(compose_cfg, tmp_path, name):
+    """Conv kernels (a depthwise and a strided conv, loralib's layout) and a linear layer: each update equals the
+    variant's delta_weights, W0 the pretrained kernel, and a factor-form SVD gives ΔW's own singular values."""
+    from loralab.models import build_model, build_tokenizer
+    from loralab.targets import find_targets
+    from loralab.tasks import load_task
+    from loralab.variants import get_variant
+
+    cfg = compose_cfg(
+        "model=tiny_convnext", "task=digits_transfer", f"variant={name}", "rank=2", "task.n_val=10", "task.n_test=10",
+        "model.target_modules=[downsampling_layer.1,dwconv,pwconv1]",
+    )  # fmt: skip
+    variant = get_variant(cfg.variant.name)(cfg.variant, cfg.rank)
+    data = load_task(cfg.task, build_tokenizer(cfg.model))
+    torch.manual_seed(0)
+    dtype = torch.float32 if name == "pissa" else torch.float64
+    model = build_model(cfg.model, cfg.task, str(tmp_path)).to(dtype)
+    targets = find_targets(model, list(cfg.model.target_modules), exclude=list(cfg.model.head_modules))
+    assert any("dwconv" in t for t in targets) and any("downsampling" in t for t in targets)
+    modules = dict(model.named_modules())
+    pretrained = {n: modules[n].weight.detach().clone().double() for n in targets}
+    batch = dict(data.collate(data.train[:8]))
+    ctx = PrepareContext(train_batches=lambda size: itertools.repeat(batch), total_steps=10)
+    model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen(11), dtype=p.dtype))
+    reference = variant.delta_weights(model)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    updates = list(matrix_updates(model, variant))
+    assert [u.name for u in updates] == list(reference) == targets
+    for u in updates:
+        ref = reference[u.name].double()
+        assert rel(u.dense(), ref) < tol, u.name
+        assert rel(u.initial().double(), pretrained[u.name]) < tol, u.name
+        full = torch.linalg.svdvals(ref.reshape(ref.shape[0], -1))
+        assert torch.allclose(u.singular_values().double()[: full.numel()], full, atol=tol * float(full[0])), u.name

@@ -102,7 +102,31 @@ def _lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return s * B, A
 
 
+def _loralib_conv_update(name: str, layer, variant) -> MatrixUpdate:
+    """loralib's conv layout: ΔW = s·(B·A).view(kernel) with B·A over the unrolled kernel ((out·k) x (in/g·k)), which
+    is not low rank as the out x (in/g·k·k) matrix the analyses read: formed now, one matrix, DoRA's rescaling
+    included (the layer's own `_adapted_weight`, as its merge)."""
+    base = layer.get_base_layer().weight
+    init = getattr(variant, "factors_init", {}).get(name)  # PiSSA's (A0, B0) in the same layout
+    s = layer.scaling["default"]
+
+    def initial():
+        w0 = _hi(base)
+        if init is not None:
+            A0, B0 = init
+            w0 = w0 + s * (B0.to(w0) @ A0.to(w0)).reshape(w0.shape)
+        return w0
+
+    with torch.no_grad():
+        delta = layer._adapted_weight(base, "default") - initial()
+    return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
+
+
 def _peft_update(name: str, layer, variant) -> MatrixUpdate:
+    from loralab.variants.conv_lora import LoralibConv2d  # noqa: PLC0415  (variants import the analysis package)
+
+    if isinstance(layer, LoralibConv2d):
+        return _loralib_conv_update(name, layer, variant)
     base = layer.get_base_layer().weight
     init = getattr(variant, "factors_init", {}).get(name)  # LoRA-GA's (A0, B0) (CPU, at least fp32)
     dense_init = getattr(variant, "initial_delta", {}).get(name)  # an init product kept as a matrix
@@ -148,18 +172,27 @@ def _peft_update(name: str, layer, variant) -> MatrixUpdate:
     return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
 
 
-def _liera_update(name: str, layer) -> MatrixUpdate:
-    from loralab.variants.lierra import _scaled_delta, _weight  # noqa: PLC0415  (the variant's exact maths)
+def _liera_update(name: str, layer, variant) -> MatrixUpdate:
+    from loralab.variants.lierra import _scaled_delta, _weight, initial_weight  # noqa: PLC0415  (the variant's maths)
 
     base = layer.base_layer.weight
-    w0 = base if not layer.merged else layer._w0
-    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()  # adapter-sized: this moment's factors
-    s, exact = layer.scaling, layer.exact_exp
+    w_frozen = base if not layer.merged else layer._w0
+    init = getattr(variant, "factors_init", {}).get(name)  # PiSSA+LieRA: W0 = W_frozen ⊙ exp(s·B0·A0)
+    if init is None and layer.lora_magnitude is None:
+        a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()  # adapter-sized: this moment's factors
+        s, exact = layer.scaling, layer.exact_exp
 
-    def form():  # W0 ⊙ s·B·A (or W0 ⊙ expm1(s·B·A)): full rank in general
-        return _weight(w0, _scaled_delta(a, b, s, w0.shape), exact, False)
+        def form():  # W0 ⊙ s·B·A (or W0 ⊙ expm1(s·B·A)): full rank in general
+            return _weight(w_frozen, _scaled_delta(a, b, s, w_frozen.shape), exact, False)
 
-    return MatrixUpdate(name, base.shape, lambda: _hi(w0), form=form, eps=_eps(base))
+        return MatrixUpdate(name, base.shape, lambda: _hi(w_frozen), form=form, eps=_eps(base))
+
+    def initial():
+        return _hi(w_frozen) if init is None else initial_weight(layer, *init)
+
+    with torch.no_grad():  # DoRA+LieRA's magnitude, PiSSA+LieRA's moved W0: the layer's own weight, formed now
+        delta = layer.effective_weight() - initial()
+    return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
 
 
 def matrix_updates(model: nn.Module, variant) -> Iterator[MatrixUpdate]:
@@ -189,7 +222,7 @@ def matrix_updates(model: nn.Module, variant) -> Iterator[MatrixUpdate]:
     liera = liera_layers(model)
     if liera:
         for name, layer in liera.items():
-            yield _liera_update(name, layer)
+            yield _liera_update(name, layer, variant)
         return
     # a variant this module does not know: its own ΔW, all matrices at once (W0 is not recomputable here)
     for name, delta in variant.delta_weights(model).items():

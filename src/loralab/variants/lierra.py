@@ -175,6 +175,12 @@ class _LieraFn(torch.autograd.Function):
         return gx, None, gbias, ga, gb, gmag, None, None, None, None
 
 
+def initial_weight(layer, a0: torch.Tensor, b0: torch.Tensor) -> torch.Tensor:
+    """PiSSA+LieRA's W0 = W_frozen ⊙ exp(s·B0·A0) of `layer`, recomputed from its init factors (fp32+)."""
+    w = _hi(layer._base_weight())
+    return w * _scaled_delta(a0.to(w.device), b0.to(w.device), layer.scaling, w.shape).exp()
+
+
 class _LieraLayer(nn.Module):
     """Shared part of the wrappers: frozen `base_layer`, factors, ε-policy, DoRA magnitude, merge/unmerge."""
 
@@ -399,9 +405,11 @@ class Liera(Variant):
         return apply_liera(model, self.targets, self.rank, self.scaling, c.exact_exp, c.dropout, c.eps, self.dora)
 
     def delta_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        out = {n: cpu_copy(m.effective_update()) for n, m in liera_layers(model).items()}
-        for n, start in getattr(self, "initial_delta", {}).items():  # PiSSA+LieRA: relative to W0, not W_frozen
-            out[n] -= start
+        out = {}
+        for n, m in liera_layers(model).items():
+            out[n] = cpu_copy(m.effective_update())
+            if n in getattr(self, "factors_init", {}):  # PiSSA+LieRA: relative to W0, not W_frozen
+                out[n] -= cpu_copy(initial_weight(m, *self.factors_init[n]) - _hi(m._base_weight()))
         return out
 
     def factors(self, model):
@@ -445,11 +453,10 @@ class PissaLiera(Liera):
     def prepare(self, model, targets, head_modules, ctx=None):
         model = super().prepare(model, targets, head_modules, ctx)
         niter = None if self.cfg.init == "pissa" else int(self.cfg.init.removeprefix("pissa_niter_"))
-        self.factors_init, self.initial_delta = {}, {}
+        self.factors_init = {}  # adapter-sized: W0 = W_frozen ⊙ exp(s·B0·A0) is recomputed from them
         for n, layer in liera_layers(model).items():
             layer.pissa_init(niter)
             self.factors_init[n] = (cpu_copy(layer.lora_A), cpu_copy(layer.lora_B))
-            self.initial_delta[n] = cpu_copy(layer.effective_update())  # ≈ W0 − W_frozen
         return model
 
 
