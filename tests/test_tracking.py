@@ -1,5 +1,6 @@
 """What a researcher reads in W&B, read back from offline runs; bad input at the command line."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,15 @@ from loralab.trackers import read_offline_run
 pytestmark = pytest.mark.slow
 
 
-def offline_runs(root: Path) -> list[dict]:
-    return [read_offline_run(d) for d in sorted((root / "wandb").glob("offline-run-*"))]
+def offline_runs(root: Path, wait_s: float = 20.0) -> list[dict]:
+    """Every offline run under root, once each has its final `exit` record: W&B's service process writes the
+    transaction log asynchronously, so the last records (summary, exit) can land just after `run.finish()`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = [read_offline_run(d) for d in sorted((root / "wandb").glob("offline-run-*"))]
+        if all("exit_code" in run for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
 
 
 def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_axis(compose_cfg, tmp_path):
