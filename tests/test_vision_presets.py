@@ -149,7 +149,7 @@ def test_liera_vtab_smoke_through_the_runner(compose_cfg, vtab_dir):
         assert other.status == Status.COMPLETED and other.adapted_layers == record.adapted_layers
         assert all(v > 0 for k, v in other.delta_fro_norms.items() if k.endswith("dwconv")), variant
         assert Path(other.run_dir).parts[3:5] == (variant, "conv")
-    with pytest.raises(ValueError, match="rank is divisible by groups"):  # PEFT's own layout cannot
+    with pytest.raises(ConfigError, match="conv_layout=peft cannot adapt grouped convolutions"):  # PEFT's cannot
         run_job(compose_cfg(*base, "variant=lora", "variant.conv_layout=peft", "analyses=[]"))
 
 
