@@ -53,7 +53,7 @@ def render(results: str | Path, out: str | Path, experiment: str | None = None) 
     if frame.empty:
         raise SystemExit(f"no completed runs{f' of experiment {experiment!r}' if experiment else ''} under {results}")
     out = Path(out)
-    lines, verdicts = ["# loralab figures", ""], []
+    entries = {}
     for key, part in frame.groupby(SETUP):
         name = (
             key[0]
@@ -62,11 +62,15 @@ def render(results: str | Path, out: str | Path, experiment: str | None = None) 
         )
         w = render_experiment(part.reset_index(drop=True), results, out / name)
         w.finish(f"{key[0]}: {key[1]} on {key[2]}")
-        lines.append(
-            f"- [{name}]({name}/index.md): {len(part)} runs — {', '.join(dict.fromkeys(w.written)) or 'no items'}"
-        )
-        verdicts.append(evaluate(part.reset_index(drop=True)).assign(experiment=name))
+        entries[name] = f"{len(part)} runs — {', '.join(dict.fromkeys(w.written)) or 'no items'}"
+        evaluate(part.reset_index(drop=True)).assign(experiment=name).to_csv(out / name / "claims.csv", index=False)
+    # the overview covers every experiment folder under `out`: a render narrowed to one experiment (EXPERIMENT=)
+    # replaces that experiment's part and keeps the others'
+    for index in out.glob("*/index.md"):
+        entries.setdefault(index.parent.name, index.read_text().splitlines()[0].removeprefix("# "))
+    verdicts = [pd.read_csv(p) for p in sorted(out.glob("*/claims.csv"))]
     (out / "claims.md").write_text(claims_markdown(pd.concat(verdicts, ignore_index=True)))
+    lines = ["# loralab figures", "", *(f"- [{n}]({n}/index.md): {entries[n]}" for n in sorted(entries))]
     lines += ["", "Paper claims with verdicts: [claims.md](claims.md)"]
     (out / "index.md").write_text("\n".join(lines) + "\n")
     return out / "index.md"
