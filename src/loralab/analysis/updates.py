@@ -102,21 +102,29 @@ def _lora_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return s * B, A
 
 
-def _loralib_conv_update(name: str, layer, variant) -> MatrixUpdate:
-    """loralib's conv layout: ΔW = s·(B·A).view(kernel) with B·A over the unrolled kernel ((out·k) x (in/g·k)), which
-    is not low rank as the out x (in/g·k·k) matrix the analyses read: formed now, one matrix, DoRA's rescaling
-    included (the layer's own `_adapted_weight`, as its merge)."""
-    base = layer.get_base_layer().weight
-    init = getattr(variant, "factors_init", {}).get(name)  # PiSSA's (A0, B0) in the same layout
-    s = layer.scaling["default"]
+def _peft_initial(base: torch.Tensor, s: float, init=None, dense_init=None) -> Callable[[], torch.Tensor]:
+    """W0 of a PEFT layer, formed on demand: the frozen weight plus the init product s·B0·A0 that an init (LoRA-GA,
+    PiSSA) moved out of it, kept as factors (or, from older variants, as a matrix)."""
 
     def initial():
         w0 = _hi(base)
         if init is not None:
             A0, B0 = init
             w0 = w0 + s * (B0.to(w0) @ A0.to(w0)).reshape(w0.shape)
+        if dense_init is not None:
+            w0 = w0 + dense_init.to(w0)
         return w0
 
+    return initial
+
+
+def _loralib_conv_update(name: str, layer, variant) -> MatrixUpdate:
+    """loralib's conv layout: ΔW = s·(B·A).view(kernel) with B·A over the unrolled kernel ((out·k) x (in/g·k)), which
+    is not low rank as the out x (in/g·k·k) matrix the analyses read: formed now, one matrix, DoRA's rescaling
+    included (the layer's own `_adapted_weight`, as its merge)."""
+    base = layer.get_base_layer().weight
+    init = getattr(variant, "factors_init", {}).get(name)  # PiSSA's (A0, B0) in the same layout
+    initial = _peft_initial(base, layer.scaling["default"], init)
     with torch.no_grad():
         delta = layer._adapted_weight(base, "default") - initial()
     return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
@@ -131,16 +139,7 @@ def _peft_update(name: str, layer, variant) -> MatrixUpdate:
     init = getattr(variant, "factors_init", {}).get(name)  # LoRA-GA's (A0, B0) (CPU, at least fp32)
     dense_init = getattr(variant, "initial_delta", {}).get(name)  # an init product kept as a matrix
     s = layer.scaling["default"]
-
-    def initial():
-        w0 = _hi(base)
-        if init is not None:
-            A0, B0 = init
-            w0 = w0 + s * (B0.to(w0) @ A0.to(w0)).reshape(w0.shape)
-        if dense_init is not None:
-            w0 = w0 + dense_init.to(w0)
-        return w0
-
+    initial = _peft_initial(base, s, init, dense_init)
     if _plain_lora(layer) and dense_init is None:
         left, right = _lora_factors(layer)
         if init is not None:
