@@ -47,21 +47,14 @@ class Dora(Lora):
         config.use_dora = True
         return config
 
-    def prepare(self, model, targets, head_modules, ctx=None):
-        model = super().prepare(model, targets, head_modules, ctx)
-        # on CPU in the model's dtype (the streaming analyses read W0 from the frozen base weight instead)
-        self.initial = {
-            n: m.get_base_layer().weight.detach().to("cpu", copy=True) for n, m in lora_layers(model).items()
-        }
-        return model
-
     def delta_weights(self, model):
-        # the magnitude rescaling is not in get_delta_weight: merge a copy of each layer and read its weight
+        # the magnitude rescaling is not in get_delta_weight: merge a copy of each layer (one at a time) and read its
+        # weight; W0 is the layer's frozen base weight, which PEFT's DoRA never changes while unmerged (no copy kept)
         out = {}
         for name, layer in lora_layers(model).items():
             merged = copy.deepcopy(layer)
             merged.merge()
-            out[name] = cpu_copy(merged.get_base_layer().weight) - cpu_copy(self.initial[name])
+            out[name] = cpu_copy(merged.get_base_layer().weight) - cpu_copy(layer.get_base_layer().weight)
         return out
 
 
