@@ -18,8 +18,6 @@ from transformers import get_scheduler
 
 from loralab.config import ConfigError, TrainConfig
 
-EXTRA_SCHEDULERS = ("multistep",)
-
 
 def warmup_steps(cfg: TrainConfig, steps: int) -> int:
     """`train.warmup_steps` when positive (HF Trainer's rule), else the `warmup_ratio` share of the run."""
