@@ -41,35 +41,41 @@ class Choice(str, Enum):
     __format__ = str.__format__
 
 
-Modality = Choice("Modality", {v: v for v in ("text", "image")})
-ModelSource = Choice("ModelSource", {v: v for v in ("hf", "package", "config", "digits_0to4")})
-Dtype = Choice("Dtype", {v: v for v in ("float32", "bfloat16", "float16")})
-TaskKind = Choice(
-    "TaskKind", {v: v for v in ("text_classification", "image_classification", "text2text", "causal_lm", "detection")}
-)
-LabelScoring = Choice("LabelScoring", {v: v for v in ("first_token", "sequence")})
-TargetPadding = Choice("TargetPadding", {v: v for v in ("train", "ignore")})  # text2text padded target positions
-Gsm8kHeadline = Choice("Gsm8kHeadline", {v: v for v in ("strict", "flexible")})
-CodeExtraction = Choice("CodeExtraction", {v: v for v in ("official", "first_block")})  # HumanEval completions
+def choice(name: str, *values: str) -> type[Choice]:
+    """An enumerated setting's Enum: one member per allowed value, named by it."""
+    return Choice(name, {v: v for v in values})
+
+
+Modality = choice("Modality", "text", "image")
+ModelSource = choice("ModelSource", "hf", "package", "config", "digits_0to4")
+Dtype = choice("Dtype", "float32", "bfloat16", "float16")
+# task kind -> (modality, whether the task adds a new, trained head to the model)
+TASK_KINDS = {
+    "text_classification": ("text", True),
+    "image_classification": ("image", True),
+    "text2text": ("text", False),  # encoder-decoder LM, labels as target words (T5)
+    "causal_lm": ("text", False),  # instruction tuning + generation-based evaluation
+    "detection": ("image", True),  # instance detection + segmentation (COCO), a new detector head
+}
+TaskKind = choice("TaskKind", *TASK_KINDS)
+LabelScoring = choice("LabelScoring", "first_token", "sequence")
+TargetPadding = choice("TargetPadding", "train", "ignore")  # text2text padded target positions
+Gsm8kHeadline = choice("Gsm8kHeadline", "strict", "flexible")
+CodeExtraction = choice("CodeExtraction", "official", "first_block")  # HumanEval completions
 # transformers.SchedulerType's values (its members are named LINEAR, ..., which OmegaConf would ask users to type),
 # and mmdet's step schedule (loralab.schedules); tests/test_config.py checks the list against both
-Scheduler = Choice(
+Scheduler = choice(
     "Scheduler",
-    {
-        v: v
-        for v in (
-            "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-            "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-            "warmup_stable_decay", "greedy", "multistep",
-        )
-    },
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay", "greedy", "multistep",
 )  # fmt: skip
-Precision = Choice("Precision", {v: v for v in ("no", "fp16", "bf16")})  # accelerate's mixed precision
-Device = Choice("Device", {v: v for v in ("auto", "cpu", "cuda")})
-EvalUnit = Choice("EvalUnit", {v: v for v in ("steps", "epochs")})
-LongRows = Choice("LongRows", {v: v for v in ("drop", "truncate")})  # causal_lm rows longer than max_length
-ValRows = Choice("ValRows", {v: v for v in ("after_train", "random")})  # causal_lm validation rows
-WandbMode = Choice("WandbMode", {v: v for v in ("offline", "online", "disabled")})
+Precision = choice("Precision", "no", "fp16", "bf16")  # accelerate's mixed precision
+Device = choice("Device", "auto", "cpu", "cuda")
+EvalUnit = choice("EvalUnit", "steps", "epochs")
+LongRows = choice("LongRows", "drop", "truncate")  # causal_lm rows longer than max_length
+ValRows = choice("ValRows", "after_train", "random")  # causal_lm validation rows
+WandbMode = choice("WandbMode", "offline", "online", "disabled")
 
 
 @dataclass
@@ -269,14 +275,6 @@ class RunConfig:
 
 # detection model.arch -> what it is: a transformers model_type, or torchvision's Mask R-CNN (loralab.maskrcnn)
 DETECTORS = {"maskrcnn": "torchvision Mask R-CNN + FPN", "mask2former": "transformers Mask2Former"}
-# task kind -> (modality, whether the task adds a new, trained head to the model)
-TASK_KINDS = {
-    "text_classification": ("text", True),
-    "image_classification": ("image", True),
-    "text2text": ("text", False),  # encoder-decoder LM, labels as target words (T5)
-    "causal_lm": ("text", False),  # instruction tuning + generation-based evaluation
-    "detection": ("image", True),  # instance detection + segmentation (COCO), a new detector head
-}
 # every enumerated field and its Enum: OmegaConf checks them when Hydra composes the config
 CHOICES: dict[str, type[Choice]] = {
     "task.kind": TaskKind,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loralab.config import Choice, VariantConfig, outside_identity
+from loralab.config import VariantConfig, choice, outside_identity
 
-ConvLayout = Choice("ConvLayout", {v: v for v in ("loralib", "peft")})  # Conv2d adapters, see variants/conv_lora.py
-Direction = Choice("Direction", {v: v for v in ("ArB2r", "A2rBr", "ArBr")})  # LoRA-GA's singular-vector split
-Scale = Choice("Scale", {v: v for v in ("stable", "gd", "unit", "weightS")})  # LoRA-GA's init scaling
-GradSample = Choice("GradSample", {v: v for v in ("first", "shuffled")})  # LoRA-GA's gradient-estimate rows
-AdaLoraSchedule = Choice("AdaLoraSchedule", {v: v for v in ("reallocate", "static")})
+ConvLayout = choice("ConvLayout", "loralib", "peft")  # Conv2d adapters, see variants/conv_lora.py
+Direction = choice("Direction", "ArB2r", "A2rBr", "ArBr")  # LoRA-GA's singular-vector split
+Scale = choice("Scale", "stable", "gd", "unit", "weightS")  # LoRA-GA's init scaling
+GradSample = choice("GradSample", "first", "shuffled")  # LoRA-GA's gradient-estimate rows
+AdaLoraSchedule = choice("AdaLoraSchedule", "reallocate", "static")
 
 
 @dataclass
