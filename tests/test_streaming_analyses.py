@@ -150,7 +150,11 @@ def test_random_baseline_has_the_closed_form_mean_of_a_random_matrix_svd():
 # ------------------------------------------------------------------ per-variant updates and tables
 def trained(compose_cfg, tmp_path, name, dtype):
     """A prepared model whose trainable parameters moved (a non-trivial ΔW), and copies of the pretrained W0."""
-    cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype=dtype)
+    return prepared_and_moved(*setup(compose_cfg, tmp_path, name, dtype=dtype))
+
+
+def prepared_and_moved(cfg, variant, targets, data, model):
+    """`variant` prepared on `model`, its trainable parameters moved by noise; copies of the pretrained W0."""
     modules = dict(model.named_modules())
     pretrained = {n: modules[n].weight.detach().clone().double() for n in targets}
     batch = dict(data.collate(data.train[:8]))
@@ -291,15 +295,7 @@ def test_matrix_updates_on_conv_kernels_in_loralibs_layout(compose_cfg, tmp_path
     model = build_model(cfg.model, cfg.task, str(tmp_path)).to(dtype)
     targets = find_targets(model, list(cfg.model.target_modules), exclude=list(cfg.model.head_modules))
     assert any("dwconv" in t for t in targets) and any("downsampling" in t for t in targets)
-    modules = dict(model.named_modules())
-    pretrained = {n: modules[n].weight.detach().clone().double() for n in targets}
-    batch = dict(data.collate(data.train[:8]))
-    ctx = PrepareContext(train_batches=lambda size: itertools.repeat(batch), total_steps=10)
-    model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen(11), dtype=p.dtype))
+    variant, targets, model, pretrained = prepared_and_moved(cfg, variant, targets, data, model)
     reference = variant.delta_weights(model)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     updates = list(matrix_updates(model, variant))
