@@ -1,6 +1,7 @@
 """Every config group composes into the typed schema; typos and wrong types fail at composition."""
 
 import json
+import pickle
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -90,6 +91,8 @@ def test_every_variant_composes_with_its_schema(compose_cfg, variant):
     assert OmegaConf.get_type(cfg.variant) is VARIANTS[ALIASES.get(variant, variant)].config_class
     assert issubclass(OmegaConf.get_type(cfg.variant), VariantConfig)
     assert cfg.train.lr == cfg.variant.lr
+    # spawned DDP/FSDP workers receive the config by pickle: every Enum in it must be found by module.name
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
 
 
 @pytest.mark.parametrize("logger", LOGGERS)

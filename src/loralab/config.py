@@ -8,6 +8,8 @@ Method-specific variant options live in subclasses of :class:`VariantConfig` nex
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -42,8 +44,11 @@ class Choice(str, Enum):
 
 
 def choice(name: str, *values: str) -> type[Choice]:
-    """An enumerated setting's Enum: one member per allowed value, named by it."""
-    return Choice(name, {v: v for v in values})
+    """An enumerated setting's Enum: one member per allowed value, named by it.
+
+    The Enum's module is the caller's, as if it were written there, so pickle (spawned DDP/FSDP workers receive
+    the config) finds it by `module.name`."""
+    return Choice(name, {v: v for v in values}, module=sys._getframe(1).f_globals["__name__"])
 
 
 Modality = choice("Modality", "text", "image")
