@@ -274,6 +274,9 @@ class RunConfig:
     # per-run analyses (loralab.analysis.per_run.ANALYSES), in order; [] for none. They fork the RNG, so the run
     # trains the same with or without them
     analyses: list[str] = outside_identity(factory=lambda: list(DEFAULT_ANALYSES))
+    # optimizer steps at which the analyses that look at ΔW also run, on the model as it is then (the end of the run
+    # is always analysed): how the findings depend on training length, from one run rather than several
+    analysis_steps: list[int] = outside_identity(factory=list)
     # the metric `python run.py` returns, for hyperparameter sweepers (hydra/sweeper=optuna): e.g. val/accuracy
     objective: str | None = outside_identity(None)
 
@@ -323,6 +326,18 @@ def validate(cfg: Any) -> None:
     unknown = [a for a in cfg.analyses if a not in ANALYSES]
     if unknown or len(set(cfg.analyses)) != len(cfg.analyses):
         raise ConfigError(f"analyses={list(cfg.analyses)}: each at most once, from {sorted(ANALYSES)}")
+    steps = list(cfg.analysis_steps)
+    if steps:
+        if any(s <= 0 for s in steps) or len(set(steps)) != len(steps):
+            raise ConfigError(f"analysis_steps={steps}: distinct positive optimizer steps")
+        if cfg.train.max_steps > 0 and max(steps) >= cfg.train.max_steps:
+            raise ConfigError(
+                f"analysis_steps={steps}: each must be below train.max_steps={cfg.train.max_steps} "
+                "(the last step is always analysed)"
+            )
+        if not any(ANALYSES[a].on_update for a in cfg.analyses):
+            on_update = sorted(n for n, a in ANALYSES.items() if a.on_update)
+            raise ConfigError(f"analysis_steps={steps} needs an analysis of ΔW in analyses, one of {on_update}")
     if cfg.rank <= 0:
         raise ConfigError(f"rank={cfg.rank} must be a positive integer")
     t = cfg.train

@@ -87,6 +87,8 @@ class RunRecord:
     curves: dict[str, list] = field(default_factory=dict)  # name -> [[step, value], ...]
     delta_fro_norms: dict[str, float] = field(default_factory=dict)
     analysis: dict[str, list] = field(default_factory=dict)  # per-run analysis name -> table rows
+    # the same at `analysis_steps`: [{"step", "analysis", "delta_fro_norms", "bases"}, ...], oldest first
+    analysis_by_step: list[dict] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to the results root
     memory: dict = field(default_factory=dict)
     error: dict | None = None  # type, message, traceback, step

@@ -4,7 +4,9 @@ Bad input stops at validation, before anything is loaded or written; every later
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from loralab.analysis.per_run import PerRunAnalysis, make_analyses
+from loralab.analysis.per_run import ANALYSES, PerRunAnalysis, make_analyses
 from loralab.analysis.updates import matrix_updates
 from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
@@ -31,6 +33,7 @@ from loralab.tasks import check_data_path, load_task
 from loralab.trackers import Tracker, make_tracker
 from loralab.train import (
     NonFiniteLossError,
+    checkpoints,
     device_batches,
     gathered_parameters,
     make_accelerator,
@@ -40,6 +43,7 @@ from loralab.train import (
 from loralab.variants import PrepareContext, Variant, get_variant
 
 log = logging.getLogger(__name__)
+STEPS_DIR = "steps"  # <run>/steps/step_N.json: the analyses at `analysis_steps`
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -153,8 +157,15 @@ def prepare(job: Job) -> None:
 
 
 def train_stage(job: Job) -> None:
-    """Stage 4: the training loop (and its final evaluation)."""
+    """Stage 4: the training loop (and its final evaluation), with the ΔW analyses at `analysis_steps`."""
     cfg = job.cfg
+    n_steps = total_steps(cfg.train, len(job.data.train), job.accelerator.num_processes)
+    late = [s for s in cfg.analysis_steps if s >= n_steps]
+    if late:  # (max_steps is checked before loading; an epoch budget only now that the data is known)
+        raise ConfigError(f"analysis_steps={list(cfg.analysis_steps)}: {late} not below the run's {n_steps} steps")
+    resume = cfg.train.resume and not cfg.overwrite  # overwrite=true: from scratch
+    if job.main and not (resume and checkpoints(job.out / "checkpoints")):
+        shutil.rmtree(job.out / STEPS_DIR, ignore_errors=True)  # a fresh start: no step analyses of an older run
     result = train(
         job.model,
         job.variant,
@@ -165,43 +176,87 @@ def train_stage(job: Job) -> None:
         job.accelerator,
         checkpoint_dir=job.out / "checkpoints",
         eval_dir=job.out / "eval",
-        resume=cfg.train.resume and not cfg.overwrite,  # overwrite=true: from scratch
+        resume=resume,
         checkpoint_layers=job.targets,
+        on_step=step_analyses(job) if cfg.analysis_steps else None,
     )
     job.record.metrics, job.record.curves, job.record.steps = result.metrics, result.curves, result.steps
     job.record.train_time_s = round(result.train_time_s, 2)
     job.record.resumed_from_step = result.resumed_from
 
 
+def update_analyses(job: Job, analyses: list[PerRunAnalysis]) -> tuple[dict, dict, dict]:
+    """Every adapted matrix's ΔW, one at a time (factors, or formed where full-rank, then dropped), through
+    `analyses`. Returns their tables {name: rows}, their tensors, and ‖ΔW‖_F per matrix. Call it on every process
+    inside `gathered_parameters` (FSDP); `analyses` may be empty off the main process."""
+    model, norms = job.model, {}
+    factors = job.variant.factors(model) if analyses else {}  # adapter-sized
+    for update in tqdm(matrix_updates(model, job.variant), desc="analyses", total=len(job.targets), disable=None):
+        for analysis in analyses:
+            analysis.add(update, factors.get(update.name))
+        norms[update.name] = update.fro_norm()  # from the analyses' SVD where they took one
+        del update
+    tables = {analysis.name: rows for analysis in analyses if (rows := analysis.rows())}
+    tensors = {key: t for analysis in analyses for key, t in analysis.tensors().items()}
+    return tables, tensors, norms
+
+
+def step_analyses(job: Job):
+    """The callback `train` calls after every optimizer step: at each of `analysis_steps`, the analyses of ΔW on the
+    model as it is then, written to `<run>/steps/step_N.json` (+ its bases) and to W&B at that step. Checkpoints
+    resume past them, so they are files rather than state: `analyse` collects them into the record."""
+    cfg, wanted = job.cfg, set(job.cfg.analysis_steps)
+    names = [name for name in cfg.analyses if ANALYSES[name].on_update]
+
+    def at_step(step: int) -> None:
+        if step not in wanted:
+            return
+        with torch.no_grad(), gathered_parameters(job.model):
+            analyses = make_analyses(names, cfg.rank, job.targets) if job.main else []
+            tables, tensors, norms = update_analyses(job, analyses)
+        if not job.main:
+            return
+        entry = {"step": step, "analysis": tables, "delta_fro_norms": norms, "bases": None}
+        if tensors:
+            path = job.out / STEPS_DIR / f"step_{step}-{BASES_FILE}"
+            with atomic_path(path, suffix=".safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            entry["bases"] = job.relative(path)
+        write_json_atomic(job.out / STEPS_DIR / f"step_{step}.json", entry)
+        for name, rows in tables.items():
+            job.tracker.log_table(f"analysis/{name}", rows, step=step)
+
+    return at_step
+
+
+def collected_step_analyses(job: Job) -> list[dict]:
+    """The step analyses this run wrote (also those before a resume), in step order."""
+    entries = [json.loads(p.read_text()) for p in (job.out / STEPS_DIR).glob("step_*.json")]
+    wanted = set(job.cfg.analysis_steps)
+    return sorted((e for e in entries if e["step"] in wanted), key=lambda e: e["step"])
+
+
 def analyse(job: Job) -> None:
     """Stage 5: ΔW per adapted matrix, the configured analyses on it, their tables / tensors / figures; weights."""
     record, model = job.record, job.model
     with gathered_parameters(model):  # FSDP: whole matrices for the analyses and the saved weights
-        analyses = job.analyses if job.main else []
-        factors = job.variant.factors(model) if analyses else {}  # adapter-sized
-        # one matrix at a time: its ΔW (factors, or formed where full-rank) is analysed, then dropped
-        for update in tqdm(matrix_updates(model, job.variant), desc="analyses", total=len(job.targets), disable=None):
-            for analysis in analyses:
-                analysis.add(update, factors.get(update.name))
-            record.delta_fro_norms[update.name] = update.fro_norm()  # from the analyses' SVD where they took one
-            del update
-        tensors = {}
-        for analysis in analyses:
-            rows = analysis.rows()
-            tensors.update(analysis.tensors())
-            if rows:
-                record.analysis[analysis.name] = rows
-                job.tracker.log_table(f"analysis/{analysis.name}", rows, step=record.steps)
-                if job.tracker.location:  # a real W&B run: the analysis's figure as an image
-                    path = job.out / f"{analysis.name}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)  # the run directory may not exist yet
-                    if analysis.figure(rows, path, f"{analysis.name}: {record.run_dir}"):
-                        # its own key: under the table's key the image would replace the table in W&B
-                        job.tracker.log_image(f"analysis/{analysis.name}_figure", str(path), step=record.steps)
+        tables, tensors, record.delta_fro_norms = update_analyses(job, job.analyses if job.main else [])
+        for name, rows in tables.items():
+            record.analysis[name] = rows
+            job.tracker.log_table(f"analysis/{name}", rows, step=record.steps)
+            if job.tracker.location:  # a real W&B run: the analysis's figure as an image
+                path = job.out / f"{name}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)  # the run directory may not exist yet
+                analysis = next(a for a in job.analyses if a.name == name)
+                if analysis.figure(rows, path, f"{name}: {record.run_dir}"):
+                    # its own key: under the table's key the image would replace the table in W&B
+                    job.tracker.log_image(f"analysis/{name}_figure", str(path), step=record.steps)
         if tensors:
             with atomic_path(job.out / BASES_FILE, suffix=".safetensors") as tmp:
                 save_file(tensors, str(tmp))
             record.artifacts["bases"] = job.relative(job.out / BASES_FILE)
+        if job.main and job.cfg.analysis_steps:
+            record.analysis_by_step = collected_step_analyses(job)
         if job.cfg.save_weights and job.main:
             with atomic_dir(job.out / "weights") as tmp:
                 job.variant.save(job.accelerator.unwrap_model(model), tmp)

@@ -24,7 +24,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,10 +254,12 @@ def train(
     eval_dir: Path | None = None,
     resume: bool = False,
     checkpoint_layers: Sequence[str] = (),
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model` for the configured steps. With `resume`, continue from the newest checkpoint under
     `checkpoint_dir` (else start afresh and remove old ones); `checkpoint_layers` are the adapted layers whose frozen
-    weights the checkpoints keep (see checkpoint_filter)."""
+    weights the checkpoints keep (see checkpoint_filter). `on_step(step)` runs after every optimizer step, on every
+    process, outside the training time (the runner's analyses at `analysis_steps`)."""
     gen = torch.Generator().manual_seed(seed)  # the run seed fixes the shuffling order
     train_loader = DataLoader(
         data.train,
@@ -388,6 +390,10 @@ def train(
                 tracker.log(logged, step)
             if by_steps and step % cfg.eval_every == 0 and step < steps and periodic:
                 log_periodic(step)
+            if on_step is not None:  # before the checkpoint: a job resumed from it has seen this step's call
+                paused = time.perf_counter()
+                on_step(step)
+                start += time.perf_counter() - paused  # not training time
             if checkpoint_due():
                 loop.train_time_s = time.perf_counter() - start
                 save_checkpoint(accelerator, checkpoint_dir, step, cfg.keep_checkpoints)

@@ -27,6 +27,7 @@ MAX_BASIS = 64  # directions of ΔW kept for φ grids (the LoRA paper's largest 
 
 class PerRunAnalysis:
     name: ClassVar[str]
+    on_update: ClassVar[bool] = True  # looks at ΔW (`add`): can also run at `analysis_steps` during training
 
     def __init__(self, rank: int, targets: list[str]):
         self.rank, self.targets = rank, targets
@@ -136,6 +137,7 @@ class FirstStep(PerRunAnalysis):
     """The variant's first plain-SGD step vs full fine-tuning's on the same batch (`analysis.first_step`)."""
 
     name = "first_step"
+    on_update = False  # the init only
 
     def before_prepare(self, model, batch):
         self.probe = FirstStepProbe(self.targets, batch)
