@@ -9,7 +9,6 @@ Method-specific variant options live in subclasses of :class:`VariantConfig` nex
 from __future__ import annotations
 
 import sys
-
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
