@@ -57,6 +57,7 @@ def sweep(tmp_path_factory):
         "seed=0,1",
         f"experiment_name={EXPERIMENT}",
         *SMALL,
+        "analysis_steps=[2,4]",  # the training-length figure: the ΔW analyses at steps 2, 4 and the last, 8
         f"paths.results_dir={results}",
         f"hydra.sweep.dir={root}/sweep",
         "hydra.callbacks.sweep_summary.rank_pairs=[[1,4]]",
@@ -128,6 +129,19 @@ def test_make_figures_renders_exactly_the_sweep(made):
     markdown = "\n".join(p.read_text() for p in figs.glob("*.md"))
     assert "LoRA-GA" in markdown and "LieRA" in markdown
     assert "lierra" not in markdown.lower()
+
+
+def test_training_length_table_and_figure_follow_the_analysed_steps(made):
+    """Steps 2, 4 (analysis_steps) and 8 (the last): φ(1,1) of every variant's rank pair and basis, LoRA's
+    amplification per rank and every variant's ‖ΔW‖/‖W‖, each over both seeds; ‖ΔW‖ grows with training."""
+    table = pd.read_csv(made / EXPERIMENT / "training_length.csv", index_col="step")
+    assert table.index.tolist() == [2, 4, 8]
+    assert "φ(1,1): LoRA A_right r=1 vs 4" in table.columns and "φ(1,1): LoRA-GA dW_right r=1 vs 4" in table.columns
+    assert {"amplification: LoRA r=1", "amplification: LoRA r=4", "‖ΔW‖/‖W‖: LieRA r=4"} <= set(table.columns)
+    assert table.map(lambda c: str(c).endswith("(n=2)")).all().all(), table
+    growth = table["‖ΔW‖/‖W‖: LoRA r=4"].map(lambda c: float(c.split()[0]))
+    assert growth.is_monotonic_increasing and growth.iloc[0] > 0
+    assert (made / EXPERIMENT / "training_length.png").stat().st_size > 10_000
 
 
 def test_claims_md_gives_every_claim_a_verdict(made):

@@ -8,8 +8,9 @@ Fig. 4, two seeds at r=64). For each pair and matrix, φ grids on the A factors'
 the B factors' left singular vectors (its footnote 7) and ΔW's right singular vectors (fair to LoRA-GA and LieRA),
 next to two random Gaussian matrices of the same shapes. Runs are paired by their identity (loralab.record): same
 experiment, model, task, variant, target set and hyperparameters. One JSON per pair under
-`<results>/<experiment>/analysis/`, holding both runs' identities; `make figures` draws them. Also run by the
-Hydra callback after a sweep.
+`<results>/<experiment>/analysis/`, holding both runs' identities; `make figures` draws them. Runs with
+`analysis_steps` are also compared at each step both analysed (`by_step`: φ summaries). Also run by the Hydra
+callback after a sweep.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def summary(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _by_step(root: Path, a, b) -> list[dict]:
+    """The pair's φ summary at every `analysis_steps` step both runs analysed (training-length figure)."""
+    steps_a = {e["step"]: e["bases"] for e in a.analysis_by_step if e.get("bases")}
+    steps_b = {e["step"]: e["bases"] for e in b.analysis_by_step if e.get("bases")}
+    out = []
+    for step in sorted(set(steps_a) & set(steps_b)):
+        files = [root / steps_a[step], root / steps_b[step]]
+        if all(f.exists() for f in files):
+            out.append({"step": step, "summary": summary(compare(*files)).round(4).to_dict("records")})
+    return out
+
+
 def _side(record) -> dict:
     return {**record.identity.columns(), "run_dir": record.run_dir}
 
@@ -105,6 +118,7 @@ def analyze_runs(
         result.update(kind=kind, **{k: getattr(ia, k) for k in GROUP}, a=_side(a), b=_side(b))
         table = summary(result)
         result["summary"] = table.round(4).to_dict("records")
+        result["by_step"] = _by_step(root, a, b)
         pair = f"r{ia.rank}s{ia.seed}-vs-r{b.identity.rank}s{b.identity.seed}"
         name = f"subspace-{ia.model}-{ia.task}-{ia.variant}-{ia.targets}-{ia.key}-{pair}"
         path = root / ia.experiment / "analysis" / f"{name}.json"

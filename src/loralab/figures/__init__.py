@@ -26,6 +26,7 @@ from loralab.figures.sections import (
     rank_section,
     spectrum_section,
     subspace_section,
+    training_length_section,
     variants_section,
 )
 
@@ -42,6 +43,7 @@ def render_experiment(frame: pd.DataFrame, results, out: Path) -> Writer:
     amplification_section(w, frame, results)
     convergence_section(w, frame, results)
     spectrum_section(w, frame)
+    training_length_section(w, frame)
     return w
 
 

@@ -80,13 +80,16 @@ def common_setting(frame: pd.DataFrame) -> pd.DataFrame:
 
 def best_setting(frame: pd.DataFrame, by=("variant", "targets", "rank")) -> pd.DataFrame:
     """Per group `by`: the runs of the hyperparameter setting with the best mean validation metric over seeds
-    (test metric where a task has no validation split). Column `lr` says which learning rate that is."""
+    (test metric where a task has no validation split). Column `lr` says which learning rate that is.
+
+    Only the settings run with the most seeds compete: an lr search on one seed picks the setting that is then run
+    with more seeds, and a lucky single-seed search point must not displace it."""
     if frame.empty:
         return frame
     metric = main_metric(frame, "val") or main_metric(frame, "test")
     keys = [*SETUP, *by]
-    means = frame.groupby([*keys, "key"])[metric].mean().rename("score").reset_index()
-    best = means.sort_values("score", ascending=False).drop_duplicates(keys)
+    means = frame.groupby([*keys, "key"])[metric].agg(score="mean", seeds="count").reset_index()
+    best = means.sort_values(["seeds", "score"], ascending=False).drop_duplicates(keys)
     return frame.merge(best[[*keys, "key"]], on=[*keys, "key"])
 
 
@@ -196,3 +199,50 @@ def loss_curves(frame: pd.DataFrame, steps: int | None = None) -> dict[tuple, np
         if values:
             curves.setdefault((run.variant, run["rank"], run.lr), []).append(values[:steps] if steps else values)
     return {k: np.array([c[: min(map(len, v))] for c in v]) for k, v in sorted(curves.items())}
+
+
+# --- training length: the analyses at `analysis_steps` and at each run's last step ---------------------------------
+def analysis_rows_by_step(frame: pd.DataFrame, analysis: str) -> pd.DataFrame:
+    """Like :func:`analysis_rows`, at every step a run analysed (its `analysis_steps` and its last step), with a
+    `step` column; empty when no run of `frame` has step analyses."""
+    parts = []
+    for _, run in frame.iterrows():
+        record = run.record
+        if not record.analysis_by_step:
+            continue
+        for step, tables in [
+            *((e["step"], e["analysis"]) for e in record.analysis_by_step),
+            (record.steps, record.analysis),
+        ]:
+            if tables.get(analysis):
+                part = pd.DataFrame(tables[analysis]).assign(step=step)
+                for column in (*SETUP, "variant", "targets", "rank", "seed", "key", "lr"):
+                    part[column] = run[column]
+                parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def phi_by_step(frame: pd.DataFrame) -> pd.DataFrame:
+    """φ summaries of the rank pairs (loralab.analyze `by_step`, and the final one at the runs' last step): one row per
+    (variant, ranks, seed, step, basis) with φ(1,1) and its random baseline, each a mean over the adapted matrices."""
+    steps = dict(zip(frame.run_dir, frame.record.map(lambda r: r.steps)))
+    rows = []
+    for result in subspace_results(frame):
+        if result["kind"] != "rank" or not result.get("by_step"):
+            continue
+        final = {"step": steps[result["a"]["run_dir"]], "summary": result["summary"]}
+        for entry in [*result["by_step"], final]:
+            summary = pd.DataFrame(entry["summary"]).groupby("basis")[["phi_11", "random_11"]].mean()
+            for basis, s in summary.iterrows():
+                rows.append(
+                    {
+                        "variant": result["variant"],
+                        "targets": result["targets"],
+                        "ranks": (result["a"]["rank"], result["b"]["rank"]),
+                        "seed": result["a"]["seed"],
+                        "step": entry["step"],
+                        "basis": basis,
+                        **s.to_dict(),
+                    }
+                )
+    return pd.DataFrame(rows)

@@ -97,3 +97,24 @@ def spectra(rows: pd.DataFrame, rank: int, title: str):
     ax.set(xlabel="index i", ylabel="σ_i / σ_1", title=title)
     ax.legend(fontsize=8)
     return fig
+
+
+def by_step(series: list[tuple[str, str, pd.DataFrame]], title: str):
+    """One panel per quantity, one line per (label) against the optimizer step; `stats` has mean / std / count by
+    step (error bars: std over seeds)."""
+    panels = list(dict.fromkeys(panel for panel, _, _ in series))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), layout="constrained", squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for _, label, stats in (s for s in series if s[0] == panel):
+            n = int(stats["count"].min())
+            style = {"ls": ":", "color": "grey"} if label == "random" else {"marker": "o"}
+            ax.errorbar(
+                stats.index, stats["mean"], yerr=stats["std"].fillna(0), capsize=3, label=f"{label} (n={n})", **style
+            )
+        ax.set(xlabel="optimizer step", title=panel)
+        ax.set_xscale("log")
+        if panel == "amplification":
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
