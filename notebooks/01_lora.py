@@ -169,6 +169,20 @@ for name, frame in setups.items():
     plt.show()
 
 # %% [markdown]
+# ## Do the findings depend on how long the adapters trained?
+#
+# No paper reports this: runs with `analysis_steps` also ran the ΔW analyses at those optimizer steps, so the
+# same runs give φ(1,1) between ranks (A, B and ΔW), the amplification factor per rank and ‖ΔW‖_F/‖W‖_F step by
+# step (the last row is the end of training, the number the sections above use).
+
+# %%
+for name, frame in setups.items():
+    display(Markdown(f"### {name}"))
+    tables = Tables(sections.training_length_section, frame)
+    tables.show("training_length", "no runs with analysis_steps")
+    tables.plot("training_length", "no runs with analysis_steps")
+
+# %% [markdown]
 # ## The LoRA paper's claims, judged on these runs
 #
 # Per setup, from `loralab.claims.evaluate` (the same verdicts as `figures/claims.md`): the value is the mean over

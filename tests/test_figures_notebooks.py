@@ -210,7 +210,7 @@ def check_outputs(cells, plots_shown: bool = True):
     assert any(cell.get("outputs") for cell in cells)
     if plots_shown:
         for cell in cells:
-            if "plots." in cell.source or "plt." in cell.source:
+            if any(call in cell.source for call in ("plots.", "plt.", ".plot(")):
                 images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
                 assert images, f"a plot cell shows no image:\n{cell.source[:400]}"
 

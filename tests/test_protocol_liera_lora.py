@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT
 
-PRESETS = ["liera_glue", "liera_commonsense", "lora_rank", "lora_subspace", "lora_amplification"]
+PRESETS = ["liera_glue", "liera_commonsense", "lora_rank", "lora_subspace", "lora_amplification", "cpu_repro_long"]
 HEADER = ["setting", "loralab", "official", "source", "deviation and why"]
 # the settings every table covers (the list), by the name in its first column
 REQUIRED = [

@@ -24,7 +24,7 @@ def setups(results: str | Path, experiment: str | None = None) -> dict[str, pd.D
 
 class Tables:
     def __init__(self, section, *args):
-        self.found = {}
+        self.found, self.figures = {}, {}
         section(self, *args)
 
     def table(self, name, title, table, note="", paper=None, paper_setup=""):
@@ -33,7 +33,8 @@ class Tables:
     def figure(self, name, fig, caption):
         import matplotlib.pyplot as plt  # noqa: PLC0415
 
-        plt.close(fig)
+        plt.close(fig)  # not drawn where the section runs; `plot(name)` shows it
+        self.figures[name] = fig
 
     def text(self, lines):
         pass
@@ -48,6 +49,14 @@ class Tables:
         display(Markdown(f"**{title}**"), table)
         if paper is not None:
             display(Markdown(f"*Paper: {paper_setup}*"), paper)
+
+    def plot(self, name, missing="the runs it needs are missing"):
+        from IPython.display import display  # noqa: PLC0415
+
+        if name in self.figures:
+            display(self.figures[name])
+        else:
+            print(f"(no {name} plot: {missing})")
 
 
 def paper_claims(setups: dict[str, pd.DataFrame], paper: str) -> pd.DataFrame:
