@@ -49,6 +49,14 @@ def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_
     assert tables and all(r["step"] == record.steps for r in tables)  # the analyses at the final step
 
 
+def test_step_analyses_reach_wandb_at_their_steps(compose_cfg, tmp_path):
+    record = run_job(compose_cfg(*TINY_TEXT, "analysis_steps=[2]", "logger.system_metrics=false"))
+    (run,) = offline_runs(tmp_path)
+    steps = [r["step"] for r in run["history"] if "analysis/amplification" in r]
+    assert steps == [2, record.steps]  # the table at step 2 during training, then the final one
+    assert not [r for r in run["history"] if "analysis/first_step" in r and r["step"] == 2]  # the init only
+
+
 def test_a_failed_job_has_its_error_in_the_summary(compose_cfg, tmp_path):
     with pytest.raises(RuntimeError, match="non-finite"):
         run_job(compose_cfg(*TINY_TEXT, "train.lr=1e30", "train.max_grad_norm=0"))

@@ -329,11 +329,6 @@ def validate(cfg: Any) -> None:
     if steps:
         if any(s <= 0 for s in steps) or len(set(steps)) != len(steps):
             raise ConfigError(f"analysis_steps={steps}: distinct positive optimizer steps")
-        if cfg.train.max_steps > 0 and max(steps) >= cfg.train.max_steps:
-            raise ConfigError(
-                f"analysis_steps={steps}: each must be below train.max_steps={cfg.train.max_steps} "
-                "(the last step is always analysed)"
-            )
         if not any(ANALYSES[a].on_update for a in cfg.analyses):
             on_update = sorted(n for n, a in ANALYSES.items() if a.on_update)
             raise ConfigError(f"analysis_steps={steps} needs an analysis of ΔW in analyses, one of {on_update}")

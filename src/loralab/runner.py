@@ -161,8 +161,9 @@ def train_stage(job: Job) -> None:
     cfg = job.cfg
     n_steps = total_steps(cfg.train, len(job.data.train), job.accelerator.num_processes)
     late = [s for s in cfg.analysis_steps if s >= n_steps]
-    if late:  # (max_steps is checked before loading; an epoch budget only now that the data is known)
-        raise ConfigError(f"analysis_steps={list(cfg.analysis_steps)}: {late} not below the run's {n_steps} steps")
+    if late and job.main:  # a preset's steps on a shortened run (train.max_steps=...): the end is analysed anyway
+        log.warning("analysis_steps %s: not below the run's %d steps, only its end is analysed", late, n_steps)
+        print(f"[loralab] analysis_steps {late} are not below the run's {n_steps} steps: only its end is analysed")
     resume = cfg.train.resume and not cfg.overwrite  # overwrite=true: from scratch
     if job.main and not (resume and checkpoints(job.out / "checkpoints")):
         shutil.rmtree(job.out / STEPS_DIR, ignore_errors=True)  # a fresh start: no step analyses of an older run
@@ -178,7 +179,7 @@ def train_stage(job: Job) -> None:
         eval_dir=job.out / "eval",
         resume=resume,
         checkpoint_layers=job.targets,
-        on_step=step_analyses(job) if cfg.analysis_steps else None,
+        on_step=step_analyses(job, n_steps) if cfg.analysis_steps else None,
     )
     job.record.metrics, job.record.curves, job.record.steps = result.metrics, result.curves, result.steps
     job.record.train_time_s = round(result.train_time_s, 2)
@@ -201,11 +202,11 @@ def update_analyses(job: Job, analyses: list[PerRunAnalysis]) -> tuple[dict, dic
     return tables, tensors, norms
 
 
-def step_analyses(job: Job):
+def step_analyses(job: Job, n_steps: int):
     """The callback `train` calls after every optimizer step: at each of `analysis_steps`, the analyses of ΔW on the
     model as it is then, written to `<run>/steps/step_N.json` (+ its bases) and to W&B at that step. Checkpoints
     resume past them, so they are files rather than state: `analyse` collects them into the record."""
-    cfg, wanted = job.cfg, set(job.cfg.analysis_steps)
+    cfg, wanted = job.cfg, {s for s in job.cfg.analysis_steps if s < n_steps}  # the last step: `analyse`
     names = [name for name in cfg.analyses if ANALYSES[name].on_update]
 
     def at_step(step: int) -> None:
@@ -232,7 +233,7 @@ def step_analyses(job: Job):
 def collected_step_analyses(job: Job) -> list[dict]:
     """The step analyses this run wrote (also those before a resume), in step order."""
     entries = [json.loads(p.read_text()) for p in (job.out / STEPS_DIR).glob("step_*.json")]
-    wanted = set(job.cfg.analysis_steps)
+    wanted = {s for s in job.cfg.analysis_steps if s < job.record.steps}
     return sorted((e for e in entries if e["step"] in wanted), key=lambda e: e["step"])
 
 
