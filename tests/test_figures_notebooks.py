@@ -204,15 +204,18 @@ def execute(notebook: Path, monkeypatch, results: Path, experiment: str | None =
     return [cell for cell in nb.cells if cell.cell_type == "code"]
 
 
-def check_outputs(cells, plots_shown: bool = True):
+def check_outputs(cells, plots_shown: bool = True, missing_noted: bool = False):
+    """No errors; every plot cell shows an image — or, with `missing_noted`, says which runs it lacks."""
     errors = [o for cell in cells for o in cell.get("outputs", []) if o.output_type == "error"]
     assert not errors, [f"{o.ename}: {o.evalue}" for o in errors]
     assert any(cell.get("outputs") for cell in cells)
     if plots_shown:
         for cell in cells:
             if any(call in cell.source for call in ("plots.", "plt.", ".plot(")):
-                images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-                assert images, f"a plot cell shows no image:\n{cell.source[:400]}"
+                outputs = cell.get("outputs", [])
+                images = [o for o in outputs if "image/png" in o.get("data", {})]
+                noted = missing_noted and any(": no " in o.get("text", "") for o in outputs)
+                assert images or noted, f"a plot cell shows no image:\n{cell.source[:400]}"
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
@@ -226,7 +229,8 @@ def test_notebooks_execute_on_the_sweep(sweep, notebook, monkeypatch):
 def test_notebooks_execute_on_the_committed_results(notebook, monkeypatch):
     if not (ROOT / "results").is_dir() or runs_frame(ROOT / "results").empty:
         pytest.skip("no committed results in this checkout")
-    check_outputs(execute(notebook, monkeypatch, ROOT / "results"))
+    # the committed results need not hold every variant (no LoRA-GA runs at present): a cell names what it lacks
+    check_outputs(execute(notebook, monkeypatch, ROOT / "results"), missing_noted=True)
 
 
 def test_one_notebook_per_paper():
