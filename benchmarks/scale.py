@@ -165,7 +165,8 @@ def child(args) -> dict:
         for analysis in analyses:
             analysis.before_prepare(model, train_batches[0])
     with meter() as m_prepare:
-        ctx = PrepareContext(train_batches=lambda size: iter(grad_batches), total_steps=2)
+        batches = lambda size: iter(grad_batches)
+        ctx = PrepareContext(train_batches=batches, first_batches=batches, total_steps=2)
         model = variant.prepare(model, targets, [], ctx)
     record("gradient estimate", m_prepare, estimate_time[0])
     record("init", m_prepare, m_prepare.wall - estimate_time[0])  # the memory column: the whole prepare

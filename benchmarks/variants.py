@@ -74,7 +74,8 @@ def batches_of(data, size, device):
 def build(name, base, targets, args, data):
     model = copy.deepcopy(base)
     torch.manual_seed(1)
-    ctx = PrepareContext(train_batches=lambda size: batches_of(data, size, args.device))
+    batches = lambda size: batches_of(data, size, args.device)
+    ctx = PrepareContext(train_batches=batches, first_batches=batches)
     if name == "peft_lora":
         return get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=16, target_modules=targets))
     if name == "peft_hira":
@@ -166,7 +167,8 @@ def run_loraga_init(which, model, targets, data, args):
     """Ours: LoraGA.prepare (streamed estimate, SVD, init). PEFT: preprocess_loraga + get_peft_model(lora_ga)."""
     if which == "ours":
         cfg = LoraGAVariantConfig(name="loraga", grad_batches=args.grad_batches, grad_batch_size=2)
-        ctx = PrepareContext(train_batches=lambda size: batches_of(data, size, args.device))
+        batches = lambda size: batches_of(data, size, args.device)
+        ctx = PrepareContext(train_batches=batches, first_batches=batches)
         return LoraGA(cfg, args.rank).prepare(model, targets, [], ctx)
     config = LoraConfig(
         r=args.rank,

@@ -41,9 +41,7 @@ def old_first_step_alignment(
             lr = relative_step * w_norm / max(sum(float(g.norm()) for g in grads), 1e-30)
         del full
         probe = type(variant)(variant.cfg, variant.rank)
-        adapted = probe.prepare(
-            copy.deepcopy(model), targets, [], PrepareContext(train_batches=lambda size: itertools.repeat(batch))
-        )
+        adapted = probe.prepare(copy.deepcopy(model), targets, [], repeat_ctx(batch))
         adapted.eval()
         params = [p for p in adapted.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=lr)
@@ -93,7 +91,8 @@ def first_batch(data, n=8):
 
 
 def repeat_ctx(batch):
-    return PrepareContext(train_batches=lambda size: itertools.repeat(batch))
+    batches = lambda size: itertools.repeat(batch)  # one batch: LoRA-GA's first-rows and shuffled samples agree
+    return PrepareContext(train_batches=batches, first_batches=batches)
 
 
 def close(a, b, rel=1e-6, abs_=1e-10):
@@ -155,7 +154,8 @@ def test_probe_rows_equal_the_old_implementation(compose_cfg, tmp_path, name, he
 def test_probe_leaves_model_and_rng_exactly_as_they_were(compose_cfg, tmp_path, name, training):
     cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype=torch.float32)
     batch = first_batch(data)
-    ctx = PrepareContext(train_batches=lambda size: device_batches(data, size, 0, "cpu"))
+    batches = lambda size: device_batches(data, size, 0, "cpu")
+    ctx = PrepareContext(train_batches=batches, first_batches=batches)
     model.train(training)
     probe = FirstStepProbe(targets, batch)
 
@@ -204,7 +204,8 @@ def test_loraga_probe_never_prepares_and_the_cache_holds_the_real_estimate(compo
     probe = FirstStepProbe(targets, batch)
     probe.before_prepare(model)
     assert calls == [] and not cache.exists()
-    ctx = PrepareContext(train_batches=lambda size: device_batches(data, size, 0, "cpu"))
+    batches = lambda size: device_batches(data, size, 0, "cpu")  # the reference's batches
+    ctx = PrepareContext(train_batches=batches, first_batches=batches)
     model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
     assert calls == [variant]
     written = load_file(str(cache))

@@ -4,8 +4,10 @@ import copy
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from peft import PeftModel, get_peft_model
 
+from loralab.config import ConfigError
 from loralab.gradients import estimate_gradients
 from loralab.models import build_model, build_tokenizer
 from loralab.runner import check_inputs
@@ -13,6 +15,7 @@ from loralab.tasks import load_task
 from loralab.train import device_batches
 from loralab.variants import PrepareContext
 from loralab.variants.lora import lora_layers
+from loralab.variants.loraga import gradient_batches
 from loralab.variants.peft_baselines import LoraGAPeft
 
 NO_DROPOUT = ["+model.config.hidden_dropout_prob=0.0", "+model.config.attention_probs_dropout_prob=0.0"]
@@ -47,6 +50,11 @@ def repeat(batch):
         yield batch
 
 
+def repeat_ctx(batch):
+    """One batch over and over: the first-rows and the shuffled gradient samples are the same stream."""
+    return PrepareContext(train_batches=lambda size: repeat(batch), first_batches=lambda size: repeat(batch))
+
+
 @pytest.fixture
 def seeded_svd(monkeypatch):
     """torch.svd_lowrank is randomized (global RNG): make it a function of its input, for ours and PEFT's code alike,
@@ -71,7 +79,7 @@ def test_init_is_a_noop_on_the_real_default_model(compose_cfg, tmp_path):
     batch = data.collate(data.test)
     with torch.no_grad():
         before = base(**batch).logits
-    ctx = PrepareContext(train_batches=lambda size: device_batches(data, size, 0, "cpu"))
+    ctx = PrepareContext(first_batches=lambda size: device_batches(data, size, None, "cpu"))
     model = variant.prepare(base, targets, list(cfg.model.head_modules), ctx).eval()
     layer = next(iter(lora_layers(model).values()))
     assert layer.lora_B["default"].weight.abs().max() > 0  # B0 is not zero: the frozen weight absorbed s·B0·A0
@@ -90,7 +98,7 @@ def test_first_sgd_step_is_the_rank_2r_truncated_gradient(compose_cfg, tmp_path)
     batch = fixed_batch(data)
     grads = estimate_gradients(copy.deepcopy(model), targets, repeat(batch), 1)
     torch.manual_seed(1)
-    model = variant.prepare(model, targets, [], PrepareContext(train_batches=lambda size: repeat(batch)))
+    model = variant.prepare(model, targets, [], repeat_ctx(batch))
     lr = 1e-6
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model(**batch).loss.backward()
@@ -136,7 +144,7 @@ def test_directions_and_scales_follow_the_official_code(compose_cfg, tmp_path, d
     batch = fixed_batch(data)
     grads = estimate_gradients(copy.deepcopy(model), targets, repeat(batch), 2)
     W0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in targets}
-    model = variant.prepare(model, targets, [], PrepareContext(train_batches=lambda size: repeat(batch)))
+    model = variant.prepare(model, targets, [], repeat_ctx(batch))
     r = variant.rank
     for name, layer in lora_layers(model).items():
         s = layer.scaling["default"]
@@ -163,9 +171,7 @@ def test_rank_2r_export_loads_on_the_unmodified_base(compose_cfg, tmp_path):
     cfg, variant, targets, data, model = tiny_setup(compose_cfg, tmp_path)
     base = copy.deepcopy(model)
     batch = fixed_batch(data)
-    model = variant.prepare(
-        model, targets, list(cfg.model.head_modules), PrepareContext(train_batches=lambda s: repeat(batch))
-    )
+    model = variant.prepare(model, targets, list(cfg.model.head_modules), repeat_ctx(batch))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # move A, B and the head away from their initial values
         model(**batch).loss.backward()
@@ -191,7 +197,7 @@ def test_peft_lora_ga_differs_as_documented(compose_cfg, tmp_path, seeded_svd):
     batch = fixed_batch(data)
     grads = estimate_gradients(copy.deepcopy(model), targets, repeat(batch), 8)
     peft_model = copy.deepcopy(model)
-    model = ours.prepare(model, targets, [], PrepareContext(train_batches=lambda s: repeat(batch)))
+    model = ours.prepare(model, targets, [], repeat_ctx(batch))
     theirs = LoraGAPeft(cfg.variant, 4)
     modules = dict(peft_model.named_modules())
     for name in targets:  # hand PEFT the same gradient its preprocess_loraga would attach
@@ -229,12 +235,27 @@ def test_gradient_cache_round_trip(compose_cfg, tmp_path):
     batch = fixed_batch(data)
     fresh = copy.deepcopy(model)
     torch.manual_seed(0)
-    first = variant.prepare(model, targets, [], PrepareContext(train_batches=lambda s: repeat(batch)))
+    first = variant.prepare(model, targets, [], repeat_ctx(batch))
     assert cache.exists()
     torch.manual_seed(0)
     second = type(variant)(cfg.variant, 4).prepare(fresh, targets, [], PrepareContext(train_batches=None))
     for name, layer in lora_layers(first).items():
         torch.testing.assert_close(lora_layers(second)[name].lora_A["default"].weight, layer.lora_A["default"].weight)
+
+
+def test_a_missing_gradient_stream_is_refused_not_replaced(compose_cfg, tmp_path):
+    """grad_sample=first without the first-rows stream raises (no silent fallback to shuffled rows), and each
+    sample reads its own stream."""
+    cfg, variant, targets, data, model = tiny_setup(compose_cfg, tmp_path)
+    shuffled_only = PrepareContext(train_batches=lambda size: repeat(fixed_batch(data)))
+    with pytest.raises(ConfigError, match="grad_sample=first .* needs PrepareContext.first_batches"):
+        variant.prepare(copy.deepcopy(model), targets, [], shuffled_only)
+    first, shuffled = object(), object()
+    ctx = PrepareContext(train_batches=lambda size: shuffled, first_batches=lambda size: first)
+    assert gradient_batches(cfg.variant, ctx) is first
+    assert gradient_batches(OmegaConf.merge(cfg.variant, {"grad_sample": "shuffled"}), ctx) is shuffled
+    with pytest.raises(ConfigError, match="grad_sample=shuffled .* needs PrepareContext.train_batches"):
+        gradient_batches(OmegaConf.merge(cfg.variant, {"grad_sample": "shuffled"}), PrepareContext())
 
 
 def test_bad_loraga_options(compose_cfg):
@@ -267,7 +288,7 @@ def test_first_step_alignment_analysis_reaches_eckart_young(compose_cfg, tmp_pat
     def probe_rows(variant):  # as a run does it, on its own copy of the pretrained model (two variants here)
         probe, own = FirstStepProbe(targets, batch, lr=1e-6), copy.deepcopy(model)
         probe.before_prepare(own)
-        own = variant.prepare(own, targets, [], PrepareContext(train_batches=lambda size: repeat(batch)))
+        own = variant.prepare(own, targets, [], repeat_ctx(batch))
         return probe.after_prepare(own, variant)
 
     ga = probe_rows(variant)

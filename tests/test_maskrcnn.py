@@ -350,6 +350,20 @@ def test_liera_coco_smoke_runs_mask_rcnn(tmp_path):
     assert lrs == pytest.approx([1e-4, 1e-5])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["pissa_lierra", "dora_lierra", "lora"])
+def test_liera_coco_smoke_runs_the_other_variants(tmp_path, variant):
+    """PiSSA+LieRA, DoRA+LieRA and LoRA (loralib's conv layout) through the same Mask R-CNN smoke: the preset's
+    layers, depthwise convs included, each variant at its own lr from the preset's table, box and mask AP."""
+    (record,) = run_smoke("liera_coco", tmp_path, [f"variant={variant}", "analyses=[]"])
+    assert record.status == Status.COMPLETED and record.config["variant"]["name"] == variant
+    assert all(0 <= record.metrics[f"test/{kind}_ap"] <= 1 for kind in ("box", "mask"))
+    assert record.adapted_layers and all(n.startswith("backbone.body.") for n in record.adapted_layers)
+    dw = [v for k, v in record.delta_fro_norms.items() if k.endswith("dwconv")]
+    assert len(dw) == 5 and min(dw) > 0
+    assert record.config["train"]["lr"] == record.config["train"]["lr_table"][variant]
+
+
 def test_parameter_budget_is_the_backbones(compose_cfg):
     """On the real ConvNeXt-V2-B architecture (meta device): LieRA's conv + linear adapters at r=32 are the paper's
     34.54M COCO count; the rest is the detector's FPN + RPN + RoI heads, trained in full."""

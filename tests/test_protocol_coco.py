@@ -40,6 +40,14 @@ def preset():
     return cfg
 
 
+def lrs_by_value(table) -> dict[float, list[str]]:
+    """The preset's lr_table as the README writes it: the variants that share an lr, in the table's order."""
+    grouped: dict[float, list[str]] = {}
+    for name, lr in table.items():
+        grouped.setdefault(lr, []).append(name)
+    return grouped
+
+
 def expected_cells(cfg) -> dict[str, str]:
     """The `loralab` column, from the config."""
     m, t, task = cfg.model.config, cfg.train, cfg.task
@@ -78,7 +86,7 @@ def expected_cells(cfg) -> dict[str, str]:
         "optimizer": "AdamW, betas {}".format(
             torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults["betas"]
         ),
-        "lr": f"{t.lr:g}",
+        "lr": "; ".join(f"{', '.join(names)} {lr:g}" for lr, names in lrs_by_value(t.lr_table).items()),
         "weight decay": f"{t.weight_decay:g}",
         "gradient clipping": "none" if t.max_grad_norm == 0 else f"norm {t.max_grad_norm:g}",
         "batch": f"{t.batch_size * t.grad_accum} ({t.batch_size} x grad_accum {t.grad_accum})",
@@ -106,3 +114,13 @@ def test_protocol_sources_name_files_and_lines():
     for setting, (_, _, source, _) in protocol_table().items():
         cited = re.findall(files + r" (?:\(`\w+`\)|L\d+)", source)
         assert source == "paper" or cited, (setting, source)
+
+
+def test_each_variant_trains_at_its_own_lr_from_the_table(compose_cfg):
+    """`variant=<name>` on the preset resolves train.lr to that variant's entry (the aliases to their variant's),
+    and the LieRA family is not at LoRA's lr (the failure issue 14 #3 describes)."""
+    table = preset().train.lr_table
+    for name, lr in {**table, "liera": table.lierra, "pissa_liera": table.pissa_lierra}.items():
+        assert compose_cfg("experiment=liera_coco", f"variant={name}").train.lr == lr, name
+    assert all(table[v] > table.lora for v in ("lierra", "pissa_lierra", "dora_lierra"))
+    assert compose_cfg("experiment=liera_coco", "variant=dora", "train.lr=3e-4").train.lr == 3e-4

@@ -361,7 +361,8 @@ def test_loraga_adapters_stay_fp32_beside_a_bf16_base(compose_cfg, tmp_path):
     batch = data.collate(data.test)
     with torch.no_grad():
         before = model(**batch).logits.float()
-    ctx = PrepareContext(train_batches=lambda size: iter([data.collate(data.train[:4])] * 8))
+    batches = lambda size: iter([data.collate(data.train[:4])] * 8)
+    ctx = PrepareContext(train_batches=batches, first_batches=batches)
     model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx).eval()
     layers = dict(lora_layers(model))
     assert len(layers) == len(targets)

@@ -253,7 +253,8 @@ def _loraga_setup(compose_cfg, tmp_path, batch_seed: int):
     data = load_task(cfg.task, build_tokenizer(cfg.model))
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.task, str(tmp_path))
-    ctx = PrepareContext(train_batches=lambda size: device_batches(data, size, batch_seed, "cpu"))
+    batches = lambda size: device_batches(data, size, batch_seed, "cpu")  # other seed, other init
+    ctx = PrepareContext(train_batches=batches, first_batches=batches)
     model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
     return cfg, variant, targets, data, model
 

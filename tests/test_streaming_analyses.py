@@ -158,7 +158,8 @@ def prepared_and_moved(cfg, variant, targets, data, model):
     modules = dict(model.named_modules())
     pretrained = {n: modules[n].weight.detach().clone().double() for n in targets}
     batch = dict(data.collate(data.train[:8]))
-    ctx = PrepareContext(train_batches=lambda size: itertools.repeat(batch), total_steps=10)
+    batches = lambda size: itertools.repeat(batch)  # one batch: LoRA-GA's first-rows and shuffled samples agree
+    ctx = PrepareContext(train_batches=batches, first_batches=batches, total_steps=10)
     model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
     with torch.no_grad():
         for p in model.parameters():
@@ -255,7 +256,8 @@ def test_probe_extra_memory_is_one_layer_not_a_model(compose_cfg, tmp_path, name
     2-example batch included, stays below a quarter of them, and its parameters keep their storage."""
     cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype=torch.float32)
     batch = dict(data.collate(data.train[:2]))
-    ctx = PrepareContext(train_batches=lambda size: itertools.repeat(batch))
+    batches = lambda size: itertools.repeat(batch)
+    ctx = PrepareContext(train_batches=batches, first_batches=batches)
     torch.nn.Module.requires_grad_(model.get_input_embeddings(), False)
     size = model_bytes(model)
     with LiveBytes() as old:

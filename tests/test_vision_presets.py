@@ -204,6 +204,21 @@ def test_parameter_budget_of_the_real_architectures(variant):
         assert abs(coco["trainable"] - coco["head"] - 34.54e6) < 0.01e6
 
 
+@pytest.mark.slow
+def test_coco_parameter_table_is_the_measurement():
+    """experiments/liera_coco/README.md's count table is param_counts.py's output: every variant the preset runs
+    (each on the preset's conv_linear, LoRA in loralib's layout, so LoRA and LieRA count the same)."""
+    counts = load_param_counts()
+    table = counts.markdown(counts.rows("liera_coco"))
+    readme = (ROOT / "experiments/liera_coco/README.md").read_text()
+    assert table in readme
+    commands = re.findall(r"run\.py -m? ?experiment=liera_coco task\.data_dir=\$COCO_DIR variant=([\w,]+)", readme)
+    preset_runs = {v for found in commands for v in found.split(",")} - {"full"}  # full: the table's first row
+    assert preset_runs == {"lierra", "lora", "dora", "pissa", "pissa_lierra", "dora_lierra"}
+    assert {v for v, t, _ in counts.RUNS["liera_coco"] if t is None} == preset_runs
+    assert "| lora | conv_linear (112) | 32 | 54.947M | 34.542M |" in table  # the paper's 34.54M, as LieRA's
+
+
 # --- COCO --------------------------------------------------------------------------------------------------------
 
 

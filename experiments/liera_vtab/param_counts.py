@@ -33,7 +33,8 @@ ARCHITECTURE = {  # the preset's model, built from the architecture instead of t
     ],
 }
 RANKS = {"liera_vtab": (8, 16), "liera_coco": (16, 32)}
-# (variant, target set, extra overrides); target set None: the preset's default (liera_vtab: `conv`, the paper's)
+# (variant, target set, extra overrides); target set None: the preset's default (liera_vtab: `conv`, the paper's;
+# liera_coco: `conv_linear`)
 RUNS = {
     "liera_vtab": [
         ("lora", None, ()), ("lierra", None, ()), ("pissa", None, ()), ("dora", None, ()), ("rslora", None, ()),
@@ -42,7 +43,10 @@ RUNS = {
         ("adalora", "linear", ()), ("loraga", "linear", ()), ("loraga_peft", "linear", ()),  # linear layers only
         ("lora", "no_dwconv", ("variant.conv_layout=peft",)),  # PEFT's own conv layout, which skips the dwconvs
     ],
-    "liera_coco": [("lierra", "conv_linear", ()), ("lora", "conv_linear", ()), ("lierra", "conv", ())],
+    "liera_coco": [  # the preset's own target set (conv_linear) for every variant it runs; `conv` beside it
+        ("lierra", None, ()), ("lora", None, ()), ("dora", None, ()), ("pissa", None, ()),
+        ("pissa_lierra", None, ()), ("dora_lierra", None, ()), ("lierra", "conv", ()), ("lora", "conv", ()),
+    ],
 }  # fmt: skip
 
 

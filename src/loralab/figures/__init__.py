@@ -21,6 +21,7 @@ from loralab.figures.data import SETUP
 from loralab.figures.output import Writer
 from loralab.figures.sections import (
     amplification_section,
+    best_epoch_section,
     convergence_section,
     describe,
     rank_section,
@@ -39,6 +40,7 @@ def render_experiment(frame: pd.DataFrame, results, out: Path) -> Writer:
     if metric:
         rank_section(w, frame, metric, results)
         variants_section(w, frame, metric, results)
+        best_epoch_section(w, frame, metric)
     subspace_section(w, frame)
     amplification_section(w, frame, results)
     convergence_section(w, frame, results)

@@ -105,6 +105,29 @@ def aggregate(frame: pd.DataFrame, by: list[str], value: str, scale: float = 1.0
     return stats.reset_index()
 
 
+def best_epoch_stats(frame: pd.DataFrame, metric: str, scale: float = 100.0) -> pd.DataFrame:
+    """Per variant × targets × rank at the main setting: the final `metric` (test/<m>) and the best evaluation's
+    (test_best/<m>, recorded with `train.eval_test`) over the runs that have both: mean, std, median, n (× `scale`).
+    Empty when no run recorded a best value."""
+    best = "test_best/" + metric.split("/", 1)[1]
+    if best not in frame or frame[best].isna().all():
+        return pd.DataFrame()
+    base = common_setting(frame)
+    base = base[base[best].notna() & base[metric].notna()]
+    stats = base.groupby(["variant", "targets", "rank"]).agg(
+        n=(metric, "size"),
+        final_mean=(metric, "mean"),
+        final_std=(metric, "std"),
+        final_median=(metric, "median"),
+        best_mean=(best, "mean"),
+        best_std=(best, "std"),
+        best_median=(best, "median"),
+    )
+    values = [c for c in stats.columns if c != "n"]
+    stats[values] = stats[values] * scale
+    return stats.reset_index()
+
+
 def pm(mean: float, std: float, n: int, digits: int = 1) -> str:
     """'86.5 ± 0.4 (n=3)'; one seed has no spread: '86.5 (n=1)'."""
     if pd.isna(mean):

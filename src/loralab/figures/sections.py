@@ -69,6 +69,35 @@ def rank_section(w: Writer, frame: pd.DataFrame, metric: str, results):
         )
 
 
+MEDIAN_SEEDS = 5  # the LoRA paper's RoBERTa GLUE numbers: the median over 5 seeds, each run at its best epoch
+
+
+def best_epoch_section(w: Writer, frame: pd.DataFrame, metric: str):
+    """The best evaluation (`test_best/*`, e.g. the best epoch) beside the final one, per variant × targets × rank;
+    with the median over seeds where a cell has the LoRA paper's 5 seeds. Nothing where no run recorded a best."""
+    stats = data.best_epoch_stats(frame, metric)
+    if stats.empty:
+        return
+    name = metric.split("/", 1)[1]
+    final, best = f"test/{name} (final)", f"test_best/{name} (best)"
+    medians = bool((stats.n >= MEDIAN_SEEDS).any())
+    rows = {}
+    for s in stats.itertuples():
+        row = {final: data.pm(s.final_mean, s.final_std, s.n), best: data.pm(s.best_mean, s.best_std, s.n)}
+        if medians:  # fewer seeds than the paper's: no median ("--")
+            enough = s.n >= MEDIAN_SEEDS
+            row[f"{final} median"] = f"{s.final_median:.1f} (n={s.n})" if enough else "--"
+            row[f"{best} median"] = f"{s.best_median:.1f} (n={s.n})" if enough else "--"
+        rows[(display(s.variant), TARGET_SETS.get(s.targets, s.targets), f"r={s.rank}")] = row
+    table = pd.DataFrame(rows).T
+    median = f"; median over seeds where a cell has {MEDIAN_SEEDS} (the LoRA paper's RoBERTa protocol)"
+    w.table(
+        "best_epoch",
+        f"Best evaluation beside the final one: {name} (%), mean ± std over seeds{median if medians else ''}",
+        table,
+    )
+
+
 def subspace_section(w: Writer, frame: pd.DataFrame):
     """LoRA Fig. 3 (r vs r', same seed) and Fig. 4 (seed vs seed, same r): φ grids and a summary of every pair."""
     results = data.subspace_results(frame)

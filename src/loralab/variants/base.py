@@ -23,8 +23,9 @@ class PrepareContext:
     """What a variant may use while it initialises (all optional for callers such as tests)."""
 
     train_batches: Callable[[int], Iterator[dict]] | None = None  # batch_size -> seeded, shuffled training batches
-    # batch_size -> training batches in file order, the same for every seed (LoRA-GA's official gradient sample);
-    # None where the caller gives one stream for both (a probe repeating one batch): train_batches serves
+    # batch_size -> training batches in file order, the same for every seed (LoRA-GA's official gradient sample,
+    # required by its default grad_sample=first); a caller with one stream (a probe repeating one batch) passes it
+    # as both
     first_batches: Callable[[int], Iterator[dict]] | None = None
     total_steps: int | None = None  # optimizer steps the run will take (AdaLoRA's schedule needs it)
 

@@ -56,12 +56,18 @@ def loraga_factors(grad: torch.Tensor, weight: torch.Tensor, rank: int, scaling:
 
 
 def gradient_batches(cfg: LoraGAVariantConfig, ctx) -> Iterator[dict]:
-    """The micro-batches of the gradient estimate, as `cfg.grad_sample` says (see LoraGAVariantConfig)."""
-    if ctx is None or ctx.train_batches is None:
-        raise ConfigError("LoRA-GA needs training batches to estimate gradients (PrepareContext.train_batches)")
-    if cfg.grad_sample == "first" and ctx.first_batches is not None:
-        return ctx.first_batches(cfg.grad_batch_size)
-    return ctx.train_batches(cfg.grad_batch_size)
+    """The micro-batches of the gradient estimate, as `cfg.grad_sample` says (see LoraGAVariantConfig). The sample
+    needs its own stream: no silent fallback from the official first rows to shuffled ones."""
+    shuffled = cfg.grad_sample == "shuffled"
+    stream = None if ctx is None else ctx.train_batches if shuffled else ctx.first_batches
+    if stream is None:
+        field, rows = ("train_batches", "seeded shuffled rows") if shuffled else ("first_batches", "first rows")
+        other = "" if shuffled else "; variant.grad_sample=shuffled estimates on train_batches instead"
+        raise ConfigError(
+            f"LoRA-GA's gradient sample variant.grad_sample={cfg.grad_sample} ({rows}) needs "
+            f"PrepareContext.{field}, which is missing (the runner passes both streams){other}"
+        )
+    return stream(cfg.grad_batch_size)
 
 
 def refuse_loralib_convs(variant, modules, targets) -> None:
