@@ -197,9 +197,36 @@ def test_streaming_tables_equal_the_full_svd_tables(compose_cfg, tmp_path, name)
     random baseline a new draw of the same distribution (its own test above)."""
     dtype = torch.float32 if name in FP32 else torch.float64
     variant, targets, model, pretrained = trained(compose_cfg, tmp_path, name, dtype)
-    old = old_tables(pretrained, variant.delta_weights(model), 4)
-    new = new_tables(model, variant, 4, targets)
+    assert_tables_equal(pretrained, model, variant, targets, 4, dtype)
+
+
+def test_streaming_tables_equal_the_full_svd_tables_on_the_default_job(compose_cfg, tmp_path):
+    """The same on the default job's model and adapter: real MiniLM, LoRA r = 8 on query and value (12 matrices of
+    384 x 384), its factors noised instead of trained, float64."""
+    from loralab.config import target_modules, validate
+    from loralab.models import build_model, build_tokenizer
+    from loralab.targets import find_targets
+    from loralab.tasks import load_task
+    from loralab.variants import get_variant
+
+    cfg = compose_cfg("task.n_train=16", "task.n_val=4", "task.n_test=4")  # the default job, fewer examples
+    validate(cfg)
+    assert (cfg.model.name, cfg.variant.name, cfg.rank) == ("minilm", "lora", 8)
+    variant = get_variant(cfg.variant.name)(cfg.variant, cfg.rank)
+    data = load_task(cfg.task, build_tokenizer(cfg.model))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.task, str(tmp_path)).to(torch.float64)
+    targets = find_targets(model, target_modules(cfg), exclude=list(cfg.model.head_modules))
+    assert len(targets) == 12 and all(t.endswith(("query", "value")) for t in targets)
+    variant, targets, model, pretrained = prepared_and_moved(cfg, variant, targets, data, model)
+    assert_tables_equal(pretrained, model, variant, targets, 8, torch.float64)
+
+
+def assert_tables_equal(pretrained, model, variant, targets, rank, dtype):
+    old = old_tables(pretrained, variant.delta_weights(model), rank)
+    new = new_tables(model, variant, rank, targets)
     tol = 1e-5 if dtype == torch.float32 else 1e-8
+    assert all(len(old[k]) == len(new[k]) == len(targets) for k in old)
     for o, n in zip(old["spectrum"], new["spectrum"]):
         assert o["name"] == n["name"] and o["shape"] == n["shape"]
         for key in ("fro_norm", "sigma_max", "stable_rank"):
