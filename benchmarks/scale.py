@@ -4,10 +4,14 @@ A Llama model built from a config with random weights (no download), LoRA-GA r=8
 block (q, k, v, o, gate, up, down: the `loraga_llama` preset's targets), fixture token batches, every per-run
 analysis on (spectrum, amplification, subspace_bases, first_step), two optimizer steps. Each (size, code path)
 runs in a fresh subprocess; the old path is the commit before the streaming analyses (`--old-rev`, default
-b26fadb), extracted with `git archive` and put first on PYTHONPATH; the new one is this checkout's `src/`.
+b26fadb), extracted with `git archive` and put first on PYTHONPATH, or an extracted copy of its `src/` given as
+`--old-src DIR` (where there is no .git, e.g. a working-tree copy on an accelerator machine), or left out with
+`--no-old`; the new one is this checkout's `src/`. The report is rewritten after each size, so a run cut short
+keeps the sizes that finished.
 
     python benchmarks/scale.py --sizes tiny                       # a smoke check (seconds)
     python benchmarks/scale.py --sizes 0.25b,1b --old-layers 7    # the report (results/benchmarks/scale.md)
+    git archive b26fadb src | tar -x -C .old                      # then, without .git: --old-src .old/src
 
 Stages (both paths run the same driver and the runner's own `analyse` stage):
 gradient estimate (LoRA-GA's N micro-batches), init (the rest of `variant.prepare`: SVDs, W0 − s·B0·A0), probe
@@ -207,7 +211,7 @@ def child(args) -> dict:
             tracker=Tracker(),
             out=Path(tmp) / "run",
             root=Path(tmp),
-            cfg=OmegaConf.create({"save_weights": True, "logger": {}}),
+            cfg=OmegaConf.create({"save_weights": True, "logger": {}, "analysis_steps": []}),
             accelerator=SimpleNamespace(unwrap_model=lambda m: m),
             relative=lambda p: str(p),
         )
@@ -236,6 +240,18 @@ def old_tree(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+def old_source(args, tmp: Path) -> Path | None:
+    """The old path's `src/`: --old-src, else `git archive` of --old-rev; None with --no-old."""
+    if args.no_old:
+        return None
+    if args.old_src:
+        src = Path(args.old_src)
+        if not (src / "loralab").is_dir():
+            raise SystemExit(f"scale.py: --old-src {src} holds no loralab/ package (give the old commit's src/)")
+        return src
+    return old_tree(args.old_rev, tmp)
+
+
 def run_child(args, size: str, path: str, src: Path) -> dict:
     env = os.environ | {"PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--child", "--size", size, "--path", path, "--device", args.device]
@@ -247,8 +263,32 @@ def run_child(args, size: str, path: str, src: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def old_label(args) -> str:
+    if args.no_old:
+        return "not run (--no-old)"
+    return f"`{args.old_src}` (--old-src)" if args.old_src else f"`{args.old_rev}` (git archive)"
+
+
 def fmt(x, digits=2):
     return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def new_only(size: str, new: dict, mem: str, key: str) -> list[str]:
+    """The new path's table alone (--no-old)."""
+    lines = [
+        f"## {size}: {new['params'] / 1e9:.3f}B parameters, {new['model_mb']:,.0f} MiB, {new['matrices']} adapted "
+        "matrices (new path only: no old code path was given)",
+        "",
+        f"| stage | new wall s | new {mem} |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {s} | {fmt(new['stages'][s]['wall_s'])} | {fmt(new['stages'][s][key], 0)} |" for s in STAGES]
+    total = sum(new["stages"][s]["wall_s"] for s in STAGES)
+    peak = max(new["stages"][s][key] or 0 for s in STAGES)
+    step = new["stages"]["training step"]["wall_s"]
+    lines += [f"| **whole job** | {fmt(total)} | {fmt(peak, 0)} |", ""]
+    lines += [f"- analyses / one training step: {new['stages']['analyses']['wall_s'] / step:.2f} (goal ≤ 2 at ≥ 1B)"]
+    return [*lines, f"- new peak above the model / model bytes: {peak / new['model_mb']:.3f}", ""]
 
 
 def report(args, runs: dict) -> str:
@@ -259,12 +299,15 @@ def report(args, runs: dict) -> str:
         "# Scale benchmark: a whole LoRA-GA job, old vs new code path",
         "",
         f"`python benchmarks/scale.py {' '.join(sys.argv[1:])}` on {platform.machine()}, {args.device}, "
-        f"{args.threads} threads; old = `{args.old_rev}` (git archive), new = this checkout. LoRA-GA r=8 "
+        f"{args.threads} threads; old = {old_label(args)}, new = this checkout. LoRA-GA r=8 "
         f"(grad_batches={args.grad_batches} of 1 x {args.length} tokens), every linear layer of every block, all "
         f"analyses on ({', '.join(ANALYSES)}), two AdamW steps of {args.batch} x {args.length} tokens, fp32.",
         "",
     ]
     for size, (old, new) in runs.items():
+        if old is None:
+            lines += new_only(size, new, mem, key)
+            continue
         lines += [
             f"## {size}: {new['params'] / 1e9:.3f}B parameters, {new['model_mb']:,.0f} MiB, {new['matrices']} adapted "
             "matrices",
@@ -321,6 +364,8 @@ def main():
     parser.add_argument("--grad-batches", type=int, default=2, help="LoRA-GA's gradient micro-batches (of 1)")
     parser.add_argument("--old-layers", type=int, default=7, help="0: time the old analyses on every matrix")
     parser.add_argument("--old-rev", default="b26fadb")
+    parser.add_argument("--old-src", help="the old commit's src/, extracted (instead of git archive of --old-rev)")
+    parser.add_argument("--no-old", action="store_true", help="run the new code path only")
     parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "scale.md"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -338,18 +383,17 @@ def main():
     if unknown:
         parser.error(f"--sizes {unknown}: choose from {list(SIZES)}")
     runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        old_src = old_tree(args.old_rev, Path(tmp))
-        for size in sizes:
-            runs[size] = tuple(
-                run_child(args, size, path, src) for path, src in (("old", old_src), ("new", ROOT / "src"))
-            )
-            print(f"[scale] {size} done", file=sys.stderr)
-    text = report(args, runs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        old_src = old_source(args, Path(tmp))
+        for size in sizes:
+            old = None if old_src is None else run_child(args, size, "old", old_src)
+            runs[size] = (old, run_child(args, size, "new", ROOT / "src"))
+            print(f"[scale] {size} done", file=sys.stderr)
+            text = report(args, runs)  # after each size: a run cut short keeps what finished
+            out.write_text(text)
+            out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
     print(text)
 
 

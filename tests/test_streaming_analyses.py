@@ -198,9 +198,36 @@ def test_streaming_tables_equal_the_full_svd_tables(compose_cfg, tmp_path, name)
     random baseline a new draw of the same distribution (its own test above)."""
     dtype = torch.float32 if name in FP32 else torch.float64
     variant, targets, model, pretrained = trained(compose_cfg, tmp_path, name, dtype)
-    old = old_tables(pretrained, variant.delta_weights(model), 4)
-    new = new_tables(model, variant, 4, targets)
+    assert_tables_equal(pretrained, model, variant, targets, 4, dtype)
+
+
+def test_streaming_tables_equal_the_full_svd_tables_on_the_default_job(compose_cfg, tmp_path):
+    """The same on the default job's model and adapter: real MiniLM, LoRA r = 8 on query and value (12 matrices of
+    384 x 384), its factors noised instead of trained, float64."""
+    from loralab.config import target_modules, validate
+    from loralab.models import build_model, build_tokenizer
+    from loralab.targets import find_targets
+    from loralab.tasks import load_task
+    from loralab.variants import get_variant
+
+    cfg = compose_cfg("task.n_train=16", "task.n_val=4", "task.n_test=4")  # the default job, fewer examples
+    validate(cfg)
+    assert (cfg.model.name, cfg.variant.name, cfg.rank) == ("minilm", "lora", 8)
+    variant = get_variant(cfg.variant.name)(cfg.variant, cfg.rank)
+    data = load_task(cfg.task, build_tokenizer(cfg.model))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.task, str(tmp_path)).to(torch.float64)
+    targets = find_targets(model, target_modules(cfg), exclude=list(cfg.model.head_modules))
+    assert len(targets) == 12 and all(t.endswith(("query", "value")) for t in targets)
+    variant, targets, model, pretrained = prepared_and_moved(cfg, variant, targets, data, model)
+    assert_tables_equal(pretrained, model, variant, targets, 8, torch.float64)
+
+
+def assert_tables_equal(pretrained, model, variant, targets, rank, dtype):
+    old = old_tables(pretrained, variant.delta_weights(model), rank)
+    new = new_tables(model, variant, rank, targets)
     tol = 1e-5 if dtype == torch.float32 else 1e-8
+    assert all(len(old[k]) == len(new[k]) == len(targets) for k in old)
     for o, n in zip(old["spectrum"], new["spectrum"]):
         assert o["name"] == n["name"] and o["shape"] == n["shape"]
         for key in ("fro_norm", "sigma_max", "stable_rank"):
@@ -250,10 +277,25 @@ def model_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["lora", "loraga", "lierra"])
+def adapter_bytes(model):
+    """Bytes of the adapters' parameters (PEFT's and LieRA's are all named lora_*; a trained head is not counted)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def held_at_once(model, variant):
+    """(bytes alive while every MatrixUpdate is held, as the probe holds them; bytes of every ΔW formed)."""
+    with LiveBytes() as held:
+        updates = list(matrix_updates(model, variant))
+        now = held.now
+    return now, sum(u.shape.numel() * 4 for u in updates)  # ΔW in fp32
+
+
+@pytest.mark.parametrize("name", ["lora", "loraga", "lierra", "pissa_lierra", "dora_lierra"])
 def test_probe_extra_memory_is_one_layer_not_a_model(compose_cfg, tmp_path, name):
     """The old probe (two deep copies, every G at once) peaks above a model's bytes; the new one, activations of a
-    2-example batch included, stays below a quarter of them, and its parameters keep their storage."""
+    2-example batch included, stays below a quarter of them, and its parameters keep their storage. The updates it
+    holds across its backward cost at most 2 adapters (LoRA-GA's [s·B, −s·B0]·[A; A0]), less than every ΔW formed
+    (tiny BERT: 4 matrices of 32 x 32 at r = 4, so the adapter is a quarter of the ΔW bytes)."""
     cfg, variant, targets, data, model = setup(compose_cfg, tmp_path, name, dtype=torch.float32)
     batch = dict(data.collate(data.train[:2]))
     batches = lambda size: itertools.repeat(batch)
@@ -272,23 +314,28 @@ def test_probe_extra_memory_is_one_layer_not_a_model(compose_cfg, tmp_path, name
     assert {p.untyped_storage().data_ptr() for p in model.parameters()} == storages  # restored in place
     assert old.peak > size  # the test can fail: a copy of the model is seen
     assert before.peak < 0.25 * size and after.peak < 0.25 * size, (before.peak, after.peak, size)
+    held, dense = held_at_once(model, variant)
+    assert 0 < held <= 2 * adapter_bytes(model) < dense, (held, adapter_bytes(model), dense)
 
 
 CONV_VARIANTS = ["lora", "dora", "pissa", "lierra", "pissa_lierra", "dora_lierra", "full"]
+CONV_CASES = [(name, "loralib") for name in CONV_VARIANTS] + [("lora", "peft"), ("dora", "peft")]
 
 
-@pytest.mark.parametrize("name", CONV_VARIANTS)
-def test_matrix_updates_on_conv_kernels_in_loralibs_layout(compose_cfg, tmp_path, name):
-    """Conv kernels (a depthwise and a strided conv, loralib's layout) and a linear layer: each update equals the
-    variant's delta_weights, W0 the pretrained kernel, and a factor-form SVD gives ΔW's own singular values."""
+@pytest.mark.parametrize("name,layout", CONV_CASES)
+def test_matrix_updates_on_conv_kernels_in_loralibs_layout(compose_cfg, tmp_path, name, layout):
+    """Conv kernels (a depthwise and a strided conv, loralib's layout; PEFT's cannot adapt the depthwise one at
+    r = 2) and a linear layer: each update equals the variant's delta_weights, W0 the pretrained kernel, a
+    factor-form SVD gives ΔW's own singular values, and holding every update costs one adapter (PiSSA two)."""
     from loralab.models import build_model, build_tokenizer
     from loralab.targets import find_targets
     from loralab.tasks import load_task
     from loralab.variants import get_variant
 
+    convs = "downsampling_layer.1,dwconv" if layout == "loralib" else "downsampling_layer.1"
     cfg = compose_cfg(
         "model=tiny_convnext", "task=digits_transfer", f"variant={name}", "rank=2", "task.n_val=10", "task.n_test=10",
-        "model.target_modules=[downsampling_layer.1,dwconv,pwconv1]",
+        f"model.target_modules=[{convs},pwconv1]", *([f"variant.conv_layout={layout}"] if layout == "peft" else []),
     )  # fmt: skip
     variant = get_variant(cfg.variant.name)(cfg.variant, cfg.rank)
     data = load_task(cfg.task, build_tokenizer(cfg.model))
@@ -296,10 +343,14 @@ def test_matrix_updates_on_conv_kernels_in_loralibs_layout(compose_cfg, tmp_path
     dtype = torch.float32 if name == "pissa" else torch.float64
     model = build_model(cfg.model, cfg.task, str(tmp_path)).to(dtype)
     targets = find_targets(model, list(cfg.model.target_modules), exclude=list(cfg.model.head_modules))
-    assert any("dwconv" in t for t in targets) and any("downsampling" in t for t in targets)
+    assert any("dwconv" in t for t in targets) == (layout == "loralib") and any("downsampling" in t for t in targets)
     variant, targets, model, pretrained = prepared_and_moved(cfg, variant, targets, data, model)
     reference = variant.delta_weights(model)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
+    if name != "full":  # (full fine-tuning's W0 is the variant's own copy)
+        held, _ = held_at_once(model, variant)
+        copies = 2 if name == "pissa" else 1  # PiSSA's linear layer: [s·B, −s·B0]·[A; A0]
+        assert 0 < held <= copies * adapter_bytes(model), (held, adapter_bytes(model))
     updates = list(matrix_updates(model, variant))
     assert [u.name for u in updates] == list(reference) == targets
     for u in updates:

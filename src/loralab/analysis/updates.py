@@ -3,11 +3,13 @@
 A :class:`MatrixUpdate` holds what ΔW and W0 are made of, not the m x n matrices: low-rank factors (ΔW = left·right:
 LoRA, rsLoRA, LoRA+ s·B·A; LoRA-GA, PiSSA, PEFT's LoRA-GA s·(B·A − B0·A0) = [s·B, −s·B0]·[A; A0]; AdaLoRA
 s/(ranknum+1e-5)·B·(A ⊙ E)) or, for full-rank updates (LieRA W0 ⊙ s·B·A, DoRA, full fine-tuning), a function
-that forms ΔW. W0 is recomputed from the model: the frozen weight (LoRA, LieRA, DoRA) plus s·B0·A0 where the init
-moved it out (LoRA-GA, PiSSA); only full fine-tuning, which overwrites W, needs the variant's own copy.
+that forms ΔW from the frozen weight and copies of the layer's adapter tensors of this moment. W0 is recomputed
+from the model: the frozen weight (LoRA, LieRA, DoRA) plus s·B0·A0 where the init moved it out (LoRA-GA, PiSSA);
+only full fine-tuning, which overwrites W, needs the variant's own copy.
 
 :func:`matrix_updates` yields one per adapted matrix; the analyses consume it and drop it, so at most one ΔW is
-formed at a time. Each form is tested against the variant's `delta_weights` (the reference, all matrices at once).
+formed at a time, and holding every update at once (the first-step probe does) costs about one adapter, not every
+ΔW. Each form is tested against the variant's `delta_weights` (the reference, all matrices at once).
 """
 
 from __future__ import annotations
@@ -86,9 +88,14 @@ def _eps(t: torch.Tensor) -> float:
 
 def _plain_lora(layer) -> bool:
     """A PEFT LoRA layer whose ΔW is s·B·A of its two factor matrices (Linear, or Conv2d with a 1x1 B)."""
-    base = layer.get_base_layer()
     if getattr(layer, "use_dora", {}).get("default") or hasattr(layer, "lora_E"):
         return False
+    return _plain_base(layer)
+
+
+def _plain_base(layer) -> bool:
+    """A Linear or ungrouped Conv2d base: PEFT's B·A is then the product of its factor matrices."""
+    base = layer.get_base_layer()
     return isinstance(base, nn.Linear) or (isinstance(base, nn.Conv2d) and base.groups == 1)
 
 
@@ -118,16 +125,40 @@ def _peft_initial(base: torch.Tensor, s: float, init=None, dense_init=None) -> C
     return initial
 
 
+class _Call(nn.Module):
+    """fn(layer) as a module call, so that `torch.func.functional_call` can run it on other tensors than the layer's."""
+
+    def __init__(self, layer: nn.Module, fn: Callable[[nn.Module], torch.Tensor]):
+        super().__init__()
+        self.layer, self.fn = layer, fn
+
+    def forward(self) -> torch.Tensor:
+        return self.fn(self.layer)
+
+
+def _lazy(layer: nn.Module, fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """fn(layer) (the layer's own maths, e.g. its merged weight) formed on demand with copies of its adapter tensors
+    of this moment (adapter-sized; the frozen base weight is read, not copied). functional_call swaps the copies in
+    without writing to the layer's parameters, which a backward in flight may have saved (the first-step probe)."""
+    copies = {f"layer.{n}": p.detach().clone() for n, p in layer.named_parameters() if not n.startswith("base_layer.")}
+    call = _Call(layer, fn)
+
+    def form():
+        with torch.no_grad():
+            return torch.func.functional_call(call, copies, ())
+
+    return form
+
+
 def _loralib_conv_update(name: str, layer, variant) -> MatrixUpdate:
     """loralib's conv layout: ΔW = s·(B·A).view(kernel) with B·A over the unrolled kernel ((out·k) x (in/g·k)), which
-    is not low rank as the out x (in/g·k·k) matrix the analyses read: formed now, one matrix, DoRA's rescaling
-    included (the layer's own `_adapted_weight`, as its merge)."""
+    is not low rank as the out x (in/g·k·k) matrix the analyses read: formed on demand, DoRA's rescaling included
+    (the layer's own `_adapted_weight`, as its merge)."""
     base = layer.get_base_layer().weight
     init = getattr(variant, "factors_init", {}).get(name)  # PiSSA's (A0, B0) in the same layout
     initial = _peft_initial(base, layer.scaling["default"], init)
-    with torch.no_grad():
-        delta = layer._adapted_weight(base, "default") - initial()
-    return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
+    adapted = _lazy(layer, lambda m: m._adapted_weight(m.get_base_layer().weight, "default"))
+    return MatrixUpdate(name, base.shape, initial, form=lambda: adapted() - initial(), eps=_eps(base))
 
 
 def _peft_update(name: str, layer, variant) -> MatrixUpdate:
@@ -146,16 +177,16 @@ def _peft_update(name: str, layer, variant) -> MatrixUpdate:
             A0, B0 = (t.to(left) for t in init)
             left, right = torch.cat([left, -s * B0], dim=1), torch.cat([right, A0], dim=0)
         return MatrixUpdate(name, base.shape, initial, left=left, right=right, eps=_eps(base))
-    if getattr(layer, "use_dora", {}).get("default") and isinstance(layer.get_base_layer(), nn.Linear):
-        # DoRA (PEFT's merge): W = m / ‖W0 + s·B·A‖_row ⊙ (W0 + s·B·A); m, A, B copied (adapter-sized) so that the
-        # form stays the one of this moment
-        m = _hi(layer.lora_magnitude_vector["default"].weight).clone()
+    if getattr(layer, "use_dora", {}).get("default") and _plain_base(layer):
+        # DoRA (PEFT's merge): W = m / ‖W0 + s·B·A‖_row ⊙ (W0 + s·B·A), a conv kernel as out x rest (its norm is per
+        # output channel); m, A, B copied (adapter-sized) so that the form stays the one of this moment
+        m = _hi(layer.lora_magnitude_vector["default"].weight).flatten().clone()
         left, right = _lora_factors(layer)
 
         def form():
-            w0 = _hi(base)
+            w0 = _matrix(_hi(base))
             w = w0 + left @ right
-            return (m / torch.linalg.norm(w, dim=1)).view(-1, 1) * w - w0
+            return ((m / torch.linalg.norm(w, dim=1)).view(-1, 1) * w - w0).reshape(base.shape)
 
         return MatrixUpdate(name, base.shape, initial, form=form, eps=_eps(base))
     if hasattr(layer, "lora_E"):  # AdaLoRA: s/(ranknum + 1e-5)·B·(A ⊙ E), PEFT's get_delta_weight as factors
@@ -164,11 +195,14 @@ def _peft_update(name: str, layer, variant) -> MatrixUpdate:
         right = _hi(layer.lora_A["default"]) * _hi(layer.lora_E["default"])
         if not getattr(layer, "fan_in_fan_out", False) and dense_init is None:
             return MatrixUpdate(name, base.shape, initial, left=left, right=right, eps=_eps(base))
-    # any other PEFT layer: PEFT's own ΔW, formed now (one matrix)
-    delta = _hi(layer.get_delta_weight("default")).reshape(base.shape)
-    if dense_init is not None:
-        delta = delta - dense_init.to(delta)
-    return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
+    # any other PEFT layer: PEFT's own ΔW, formed on demand
+    peft_delta = _lazy(layer, lambda m: m.get_delta_weight("default"))
+
+    def form():
+        delta = _hi(peft_delta()).reshape(base.shape)
+        return delta if dense_init is None else delta - dense_init.to(delta)
+
+    return MatrixUpdate(name, base.shape, initial, form=form, eps=_eps(base))
 
 
 def _liera_update(name: str, layer, variant) -> MatrixUpdate:
@@ -189,9 +223,9 @@ def _liera_update(name: str, layer, variant) -> MatrixUpdate:
     def initial():
         return _hi(w_frozen) if init is None else initial_weight(layer, *init)
 
-    with torch.no_grad():  # DoRA+LieRA's magnitude, PiSSA+LieRA's moved W0: the layer's own weight, formed now
-        delta = layer.effective_weight() - initial()
-    return MatrixUpdate(name, base.shape, initial, form=lambda: delta, eps=_eps(base))
+    # DoRA+LieRA's magnitude, PiSSA+LieRA's moved W0: the layer's own weight, formed on demand
+    effective = _lazy(layer, lambda m: m.effective_weight())
+    return MatrixUpdate(name, base.shape, initial, form=lambda: effective() - initial(), eps=_eps(base))
 
 
 def matrix_updates(model: nn.Module, variant) -> Iterator[MatrixUpdate]:
