@@ -5,13 +5,16 @@ job may span several tasks (`hydra/launcher=slurm hydra.launcher.tasks_per_node=
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from loralab.cli_errors import USAGE_ERROR_EXIT, composition_error_line, traceback_requested
 from loralab.cli_help import help_text
 from loralab.config import register_configs
 
@@ -52,7 +55,7 @@ def main(cfg: DictConfig) -> float | None:
         record = run_job(cfg, overrides=list(hydra_cfg.overrides.task), group=group, raise_errors=not multirun)
     except ConfigError as exc:  # bad input: nothing was loaded or written; a sweep lists it and goes on
         if not multirun:  # one line, exit status 2 (a usage error, as argparse's); the traceback on request
-            if os.environ.get("LORALAB_TRACEBACK"):
+            if traceback_requested(sys.argv[1:]):
                 raise
             _usage_error(exc)
         print(f"[loralab] job {hydra_cfg.job.num} not run: ConfigError: {exc}")
@@ -71,11 +74,33 @@ def main(cfg: DictConfig) -> float | None:
 
 def _usage_error(exc: Exception):
     print(f"loralab: error: {exc}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(USAGE_ERROR_EXIT)
+
+
+def _report_and_exit(exc: BaseException):
+    """What Hydra prints for a failed job: the traceback from our task function on, without Hydra's frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code is not main.__wrapped__.__code__:
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
     if {"--help", "-h"} & set(sys.argv[1:]):  # ours, before Hydra composes every option to list them (cli_help)
         print(help_text())
         sys.exit(0)
-    main()
+    # Hydra reports a bad override in several lines and exits 1; with HYDRA_FULL_ERROR it raises instead, so a
+    # composition error reads and exits (2) like every other bad input
+    wants_full = os.environ.get("HYDRA_FULL_ERROR") == "1" or traceback_requested(sys.argv[1:])
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as exc:
+        if wants_full:
+            raise
+        _usage_error(composition_error_line(exc))
+    except Exception as exc:  # a failed single job (its record is written) or a failed sweep
+        if wants_full:
+            raise
+        _report_and_exit(exc)

@@ -102,13 +102,27 @@ def test_bad_input_at_the_command_line_exits_2_with_one_line_and_leaves_nothing(
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
 
 
-def test_a_misspelled_choice_fails_at_composition_naming_the_allowed_values(tmp_path):
-    proc = run_cli(
-        *TINY_TEXT, "logger=none", "train.scheduler=cosin", f"paths.results_dir={tmp_path}/results", cwd=tmp_path
-    )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "Invalid value 'cosin', expected one of [linear, cosine," in proc.stderr
-    assert not (tmp_path / "results").exists()
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("train.scheduler=cosin", "train.scheduler=cosin: Invalid value 'cosin', expected one of [linear, cosine,"),
+        ("train.eval_every=abc", "train.eval_every=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("variant=nope", "variant=nope: no such option; variant: adalora, adalora_static, dora,"),
+        ("train.nosuch=1", "unknown setting 'train.nosuch'; train has: lr, lr_table,"),
+        ("train.lr=[", "train.lr=[: no viable alternative at input '['"),
+    ],
+)
+def test_a_bad_value_at_composition_exits_2_with_one_line_naming_what_is_allowed(tmp_path, override, line):
+    proc = run_cli(*TINY_TEXT, "logger=none", override, f"paths.results_dir={tmp_path}/results", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [text for text in proc.stderr.splitlines() if text.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"loralab: error: {line}"), proc.stderr[-2000:]
+    assert not proc.stdout.strip() and not list(tmp_path.iterdir())  # nothing written, not even Hydra's outputs/
+
+
+def test_the_traceback_of_a_composition_error_on_request(tmp_path):
+    proc = run_cli("train.scheduler=cosin", "hydra.verbose=true", cwd=tmp_path)
+    assert proc.returncode != 2 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
 
 
 def test_sweep_report_over_seeds_its_analysis_run_and_fail_on_error(tmp_path):
