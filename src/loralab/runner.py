@@ -1,19 +1,23 @@
 """One job in stages: validate -> build -> prepare -> train -> analyse -> record (`run_job` calls them in order).
 
-Bad input stops at validation, before anything is loaded or written; every later outcome ends in a result file."""
+Bad input stops at validation, before anything is loaded or written; bad input that only the data or the model shows
+stops in `build` before the tracker starts, with nothing written either; every later outcome ends in a result file."""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import get_int_from_env, set_seed
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +37,8 @@ from loralab.tasks import check_data_path, load_task
 from loralab.trackers import Tracker, make_tracker
 from loralab.train import (
     NonFiniteLossError,
+    check_gradient_checkpointing,
+    check_select_best,
     checkpoints,
     device_batches,
     gathered_parameters,
@@ -110,29 +116,57 @@ def validate_job(cfg) -> tuple[Variant, list[str], list[PerRunAnalysis]]:
     return variant, targets, make_analyses(list(cfg.analyses), cfg.rank, targets)
 
 
+def say(message: str, level: int = logging.INFO) -> None:
+    """A stage line through `logging` where it is shown (Hydra's console and run.log, SLURM logs); printed where
+    logging is not set up (run_job from Python, a notebook)."""
+    if log.isEnabledFor(level):
+        log.log(level, message)
+    else:
+        print(message)
+
+
+@contextmanager
+def rng_kept():
+    """The random streams as they were: starting W&B after the model is built must not change what the run trains."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(np_state)
+
+
 def build(job: Job) -> None:
-    """Stage 2: accelerator, tracker, data and the pretrained model."""
+    """Stage 2: accelerator, data and the pretrained model, then the tracker. What only the data or the model can
+    show wrong (a hub out of reach, wrong columns, a missing split) fails before anything is written."""
     cfg, record = job.cfg, job.record
     job.accelerator = make_accelerator(cfg.train)
     record.processes = job.accelerator.num_processes  # data-parallel processes that trained this run
-    identity = record.identity
-    job.tracker = make_tracker(
-        cfg.logger,
-        group=job.group or cfg.experiment_name,
-        name=override_name(record.overrides),
-        tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
-        # group / filter dashboards by identity; provenance beside the config
-        config=record.config | {"identity": identity.columns(), "provenance": record.provenance},
-        run_id=wandb_run_id(identity),
-        main_process=job.main,
-    )
-    record.wandb_dir = job.tracker.location
-    if job.main:  # where to look, before the minutes of work start (also in the W&B run's Logs tab)
-        print(f"[loralab] run {job.out}" + (f" | W&B {record.wandb_dir}" if record.wandb_dir else ""))
+    if job.main:  # where to look, before the minutes of work start
+        say(f"[loralab] run {job.out}")
     set_seed(cfg.seed)
     job.data = load_task(cfg.task, build_tokenizer(cfg.model))
     record.data = {"fingerprint": job.data.fingerprint, "sizes": job.data.sizes}
+    if job.main:
+        say(f"[loralab] data: {job.data.sizes}")
     job.model = build_model(cfg.model, cfg.task, cfg.paths.cache_dir).to(job.accelerator.device)
+    if cfg.train.gradient_checkpointing:
+        check_gradient_checkpointing(job.model)
+    check_select_best(cfg.train, job.data, job.model, job.accelerator)
+    identity = record.identity
+    with rng_kept():
+        job.tracker = make_tracker(
+            cfg.logger,
+            group=job.group or cfg.experiment_name,
+            name=override_name(record.overrides),
+            tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
+            # group / filter dashboards by identity; provenance beside the config
+            config=record.config | {"identity": identity.columns(), "provenance": record.provenance},
+            run_id=wandb_run_id(identity),
+            main_process=job.main,
+        )
+    record.wandb_dir = job.tracker.location
+    if job.main and record.wandb_dir:  # also the first line of the W&B run's Logs tab
+        say(f"[loralab] run {job.out} | W&B {record.wandb_dir}")
 
 
 def prepare(job: Job) -> None:
@@ -162,8 +196,10 @@ def train_stage(job: Job) -> None:
     n_steps = total_steps(cfg.train, len(job.data.train), job.accelerator.num_processes)
     late = [s for s in cfg.analysis_steps if s >= n_steps]
     if late and job.main:  # a preset's steps on a shortened run (train.max_steps=...): the end is analysed anyway
-        log.warning("analysis_steps %s: not below the run's %d steps, only its end is analysed", late, n_steps)
-        print(f"[loralab] analysis_steps {late} are not below the run's {n_steps} steps: only its end is analysed")
+        say(
+            f"[loralab] analysis_steps {late} are not below the run's {n_steps} steps: only its end is analysed",
+            logging.WARNING,
+        )
     resume = cfg.train.resume and not cfg.overwrite  # overwrite=true: from scratch
     if job.main and not (resume and checkpoints(job.out / "checkpoints")):
         shutil.rmtree(job.out / STEPS_DIR, ignore_errors=True)  # a fresh start: no step analyses of an older run
@@ -269,7 +305,8 @@ def analyse(job: Job) -> None:
 def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_errors: bool = True) -> RunRecord:
     """Run one configured job and write its record (also when it fails after validation). Returns the record.
 
-    Bad input raises `ConfigError` before anything is loaded or written. In a multi-process job every process
+    Bad input raises `ConfigError` before anything is written (also when the data or the model shows it, in
+    `build`: the tracker starts after them). In a multi-process job every process
     trains; only the main process writes (result, bases, weights, W&B)."""
     variant, targets, analyses = validate_job(cfg)
     identity = identity_of(cfg)
@@ -278,9 +315,8 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     main = is_main_process()
     existing = read_record(out / RESULT_FILE, root)
     if existing and existing.status == Status.COMPLETED and not cfg.overwrite:
-        log.info("skipping %s: completed result exists (overwrite=true to re-run)", out)
         if main:
-            print(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
+            say(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
         existing.skipped = True
         return existing
     record = RunRecord(
@@ -300,6 +336,10 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                 stage(job)
         record.status = Status.COMPLETED
     except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job
+        if isinstance(exc, ConfigError) and job.tracker is None:
+            # bad input that only the data or the model shows: like validation's, nothing is written (no result,
+            # no W&B run); run.py prints it in one line, a sweep lists it and goes on
+            raise
         failure = exc
         record.status = Status.FAILED
         record.error = {

@@ -133,14 +133,40 @@ def has_accelerator() -> bool:
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations in backward (the HF model's own checkpointing). Non-reentrant: it needs no
     input that requires grad (PEFT freezes the embeddings) and replays dropout's RNG, so the numbers do not change."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
-    if not getattr(hf, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"train.gradient_checkpointing: {type(hf).__name__} does not support gradient checkpointing")
+    hf = check_gradient_checkpointing(model)
     kwargs = {"use_reentrant": False}
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_gradient_checkpointing(model):
+    """The HF model under PEFT's wrapper, if it can recompute activations (else a ConfigError naming its class)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(hf).__name__} does not support gradient checkpointing")
+    return hf
+
+
+def check_select_best(cfg: TrainConfig, data: TaskData, model=None, accelerator=None) -> None:
+    """`train.select_best` against the task: it needs a validation split, and a metric named by hand must be one that
+    validation reports; with `model`, two validation examples tell which, before any training."""
+    if cfg.select_best == "none":
+        return
+    if not data.val:  # MT-bench-style tasks have no validation split
+        raise ConfigError(f"train.select_best={cfg.select_best!r}: task has no validation split to select on")
+    name = cfg.select_best.removeprefix("val/")
+    if model is None or name in ("metric", "loss"):
+        return
+    training = model.training  # evaluators leave the model in train mode; the init's analyses see it as it was
+    reported = data.evaluate(model, data.val[:2], EvalContext(accelerator, 2, "val"))
+    model.train(training)
+    if name not in reported:
+        raise ConfigError(
+            f"train.select_best={cfg.select_best!r}: validation of task reports {sorted(reported)}; "
+            f"choose one of them, metric (the task's headline: {data.metric!r}), loss or none"
+        )
 
 
 def checkpoints(root: Path | None) -> list[Path]:
@@ -271,9 +297,9 @@ def train(
         drop_last=len(data.train) > cfg.batch_size,
     )
     splits = [split for split in ("val", "test") if getattr(data, split)]  # MT-bench-style tasks have no val
-    selected = data.metric if cfg.select_best == "metric" else cfg.select_best  # the validation metric, or "none"
-    if selected != "none" and "val" not in splits:
-        raise ConfigError(f"train.select_best={cfg.select_best!r}: task has no validation split to select on")
+    # the validation metric, or "none"
+    selected = data.metric if cfg.select_best == "metric" else cfg.select_best.removeprefix("val/")
+    check_select_best(cfg, data)
 
     def evaluate(split: str) -> dict[str, float]:
         ctx = EvalContext(accelerator, cfg.eval_batch_size, split, show, eval_dir)
