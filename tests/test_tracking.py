@@ -85,11 +85,31 @@ def test_the_same_run_keeps_its_wandb_run_id(compose_cfg, tmp_path):
         ("train.log_every=0", r"train.log_every=0 must be positive"),
         ("train.warmup_steps=-1", r"train.warmup_steps=-1 must be >= 0"),
         ("train.max_grad_norm=-1", r"train.max_grad_norm=-1.0: must be >= 0"),
+        ("train.num_workers=-1", r"train.num_workers=-1 must be >= 0"),
+        ("train.select_best=val-acc", r"select_best='val-acc': none, metric .*, loss, or a validation"),
+        ("objective=accuracy", r"objective='accuracy': a metric of the run's record, <val/\|test/\|final/val/"),
+        ("variant.dropout=1.0", r"variant.dropout=1.0 must be in \[0, 1\)"),
+        ("variant.alpha=0", r"variant.alpha=0.0 must be > 0"),
+        ("variant=lora_plus variant.lr_ratio=-2", r"variant.lr_ratio=-2.0 must be > 0"),
+        ("variant=adalora variant.init_rank_ratio=0.5", r"variant.init_rank_ratio=0.5 must be >= 1"),
+        ("variant=adalora variant.tinit_ratio=0.6 variant.tfinal_ratio=0.5", r"tinit_ratio=0.6 \+ .* must be < 1"),
+        ("variant=adalora variant.delta_t=0", r"variant.delta_t=0 must be >= 1"),
+        ("variant=dora_lierra variant.dropout=0.1", r"dora_lierra: variant.dropout=0.1 is not supported"),
+        ("task.max_length=0", r"task.max_length=0 must be > 0"),
+        ("task.n_val=-1", r"task.n_val=-1 must be >= 0"),
+        ("task.n_train=0", r"task.n_train=0 must be > 0 \(or null"),
+        ("task.generation.num_beams=0", r"task.generation.num_beams=0 must be >= 1"),
+        ("task.generation.top_p=0", r"task.generation.top_p=0.0 must be in \(0, 1\]"),
+        ("task.generation.do_sample=true task.generation.temperature=0", r"generation.temperature=0.0 must be > 0"),
     ],
 )
-def test_bad_training_settings_fail_validation(compose_cfg, override, message):
+def test_bad_settings_fail_validation(compose_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_cfg(*TINY_TEXT, override))
+        validate(compose_cfg(*TINY_TEXT, *override.split()))
+
+
+def test_greedy_decoding_ignores_the_temperature(compose_cfg):
+    validate(compose_cfg(*TINY_TEXT, "task.generation.temperature=0"))  # do_sample=false: not checked
 
 
 def test_bad_input_at_the_command_line_exits_2_with_one_line_and_leaves_nothing(tmp_path):
