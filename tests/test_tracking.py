@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY_TEXT, run_cli
 from loralab.config import ConfigError, validate
-from loralab.record import Status
+from loralab.record import RESULT_FILE, Status
 from loralab.reporting import wandb_run_id
 from loralab.runner import run_job
 from loralab.trackers import read_offline_run
@@ -29,7 +29,7 @@ def offline_runs(root: Path, wait_s: float = 20.0) -> list[dict]:
 def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_axis(compose_cfg, tmp_path):
     record = run_job(compose_cfg(*TINY_TEXT, "train.log_every=2", "experiment_name=wb"))
     (run,) = offline_runs(tmp_path)
-    assert run["id"] == wandb_run_id(record.identity)
+    assert run["id"] == record.wandb_run_id and run["id"].startswith(wandb_run_id(record.identity))
     assert run["stats"] and any("proc.memory.rssMB" in s for s in run["stats"])  # the System tab
     assert any(f"[loralab] run {tmp_path}" in line for line in run["console"])  # the Logs tab
     summary = run["summary"]
@@ -66,16 +66,20 @@ def test_a_failed_job_has_its_error_in_the_summary(compose_cfg, tmp_path):
     assert "non-finite training loss" in run["summary"]["error/message"]
 
 
-def test_the_same_run_keeps_its_wandb_run_id(compose_cfg, tmp_path):
-    """A relaunched job (here re-run with overwrite=true; a resumed one likewise) writes into the same W&B run."""
-    first = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false"))
-    second = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "overwrite=true", "train.log_every=1"))
-    assert first.identity == second.identity
+def test_a_fresh_start_opens_a_new_wandb_run_and_a_resumed_job_continues_its_own(compose_cfg, tmp_path):
+    """W&B drops every step below a run's current one, so a restart from step 0 (overwrite=true) gets a new run id;
+    a job resumed from a checkpoint (one killed after it: here its result removed) continues the run it names."""
+    args = (*TINY_TEXT, "logger.system_metrics=false", "train.checkpoint_every=2", "analyses=[]")
+    first = run_job(compose_cfg(*args))
+    second = run_job(compose_cfg(*args, "overwrite=true"))
+    (tmp_path / "results" / second.run_dir / RESULT_FILE).unlink()
+    third = run_job(compose_cfg(*args))
+    assert first.identity == second.identity == third.identity and third.resumed_from_step == 4
+    assert first.wandb_run_id != second.wandb_run_id == third.wandb_run_id
+    assert first.wandb_run_id.startswith(f"{wandb_run_id(first.identity)}-")
     runs = offline_runs(tmp_path)
-    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"] == wandb_run_id(first.identity)
-    assert not runs[0]["stats"] and first.status == second.status == Status.COMPLETED
-    other = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "seed=1"))
-    assert wandb_run_id(other.identity) != runs[0]["id"]
+    assert [r["id"] for r in runs] == [first.wandb_run_id, second.wandb_run_id, second.wandb_run_id]
+    assert not runs[0]["stats"] and {first.status, second.status, third.status} == {Status.COMPLETED}
 
 
 @pytest.mark.parametrize(

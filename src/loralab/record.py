@@ -93,6 +93,7 @@ class RunRecord:
     memory: dict = field(default_factory=dict)
     error: dict | None = None  # type, message, traceback, step
     wandb_dir: str | None = None
+    wandb_run_id: str | None = None  # a job resumed from a checkpoint continues it; a fresh start opens a new run
     skipped: bool = False  # returned for a completed run that was not re-run (never written)
 
     def to_dict(self) -> dict:

@@ -30,7 +30,7 @@ from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
 from loralab.record import RESULT_FILE, RunRecord, Status, identity_of, read_record
-from loralab.reporting import format_summary, override_name, tracker_summary, wandb_run_id
+from loralab.reporting import format_summary, fresh_run_id, override_name, tracker_summary, wandb_run_id
 from loralab.results import BASES_FILE, PeakMemory, provenance
 from loralab.targets import check_rank, find_targets, matches
 from loralab.tasks import check_data_path, load_task
@@ -39,6 +39,7 @@ from loralab.train import (
     NonFiniteLossError,
     check_gradient_checkpointing,
     check_select_best,
+    checkpoint_meta,
     checkpoints,
     device_batches,
     gathered_parameters,
@@ -105,6 +106,7 @@ class Job:
     tracker: Tracker | None = None
     data: Any = None
     model: torch.nn.Module | None = None
+    run_id: str | None = None  # the W&B run's (whether or not this job logs to W&B: a relaunch may)
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -153,6 +155,13 @@ def build(job: Job) -> None:
         check_gradient_checkpointing(job.model)
     check_select_best(cfg.train, job.data, job.model, job.accelerator)
     identity = record.identity
+    # a job resumed from a checkpoint continues the W&B run that checkpoint names (written before the notes
+    # existed: the identity's id); a fresh start opens a new run (see fresh_run_id)
+    latest = checkpoints(job.out / "checkpoints")[-1:] if resumes(cfg) else []
+    if latest:
+        job.run_id = checkpoint_meta(latest[0]).get("wandb_run_id", wandb_run_id(identity))
+    else:
+        job.run_id = fresh_run_id(identity, record.started_at)
     with rng_kept():
         job.tracker = make_tracker(
             cfg.logger,
@@ -161,10 +170,11 @@ def build(job: Job) -> None:
             tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
             # group / filter dashboards by identity; provenance beside the config
             config=record.config | {"identity": identity.columns(), "provenance": record.provenance},
-            run_id=wandb_run_id(identity),
+            run_id=job.run_id,
             main_process=job.main,
         )
     record.wandb_dir = job.tracker.location
+    record.wandb_run_id = job.run_id if record.wandb_dir else None
     if job.main and record.wandb_dir:  # also the first line of the W&B run's Logs tab
         say(f"[loralab] run {job.out} | W&B {record.wandb_dir}")
 
@@ -190,6 +200,11 @@ def prepare(job: Job) -> None:
     job.record.adapted_layers = list(job.targets)
 
 
+def resumes(cfg) -> bool:
+    """Whether a job continues from its newest checkpoint, where it has one (overwrite=true: from scratch)."""
+    return cfg.train.resume and not cfg.overwrite
+
+
 def train_stage(job: Job) -> None:
     """Stage 4: the training loop (and its final evaluation), with the ΔW analyses at `analysis_steps`."""
     cfg = job.cfg
@@ -200,7 +215,7 @@ def train_stage(job: Job) -> None:
             f"[loralab] analysis_steps {late} are not below the run's {n_steps} steps: only its end is analysed",
             logging.WARNING,
         )
-    resume = cfg.train.resume and not cfg.overwrite  # overwrite=true: from scratch
+    resume = resumes(cfg)
     if job.main and not (resume and checkpoints(job.out / "checkpoints")):
         shutil.rmtree(job.out / STEPS_DIR, ignore_errors=True)  # a fresh start: no step analyses of an older run
     result = train(
@@ -216,6 +231,7 @@ def train_stage(job: Job) -> None:
         resume=resume,
         checkpoint_layers=job.targets,
         on_step=step_analyses(job, n_steps) if cfg.analysis_steps else None,
+        checkpoint_notes={"wandb_run_id": job.run_id},  # the run a resumed job continues
     )
     job.record.metrics, job.record.curves, job.record.steps = result.metrics, result.curves, result.steps
     job.record.train_time_s = round(result.train_time_s, 2)

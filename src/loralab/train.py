@@ -20,6 +20,7 @@ harness reports as its test split).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -178,13 +179,25 @@ def checkpoints(root: Path | None) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) -> None:
-    """accelerate's state into <root>/step_<step>, atomically; then only the newest `keep` stay (0: all)."""
+CHECKPOINT_META = "loralab.json"  # beside accelerate's files: what the job outside the loop needs on resume
+
+
+def checkpoint_meta(checkpoint: Path) -> dict:
+    """The job's notes in a checkpoint (its W&B run id); {} for checkpoints written before they existed."""
+    path = Path(checkpoint) / CHECKPOINT_META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int, meta: dict | None = None) -> None:
+    """accelerate's state (and `meta`) into <root>/step_<step>, atomically; then only the newest `keep` stay (0:
+    all)."""
     main = accelerator.is_main_process
     with atomic_dir(root / f"step_{step}") if main else nullcontext() as tmp:
         # every process writes its own RNG state into the main process's temporary directory
         (tmp,) = broadcast_object_list([str(tmp) if main else None])
         accelerator.save_state(tmp)
+        if main and meta:
+            (Path(tmp) / CHECKPOINT_META).write_text(json.dumps(meta))
         accelerator.wait_for_everyone()
     if main and keep > 0:
         for old in checkpoints(root)[:-keep]:
@@ -281,11 +294,13 @@ def train(
     resume: bool = False,
     checkpoint_layers: Sequence[str] = (),
     on_step: Callable[[int], None] | None = None,
+    checkpoint_notes: dict | None = None,
 ) -> TrainResult:
     """Train `model` for the configured steps. With `resume`, continue from the newest checkpoint under
     `checkpoint_dir` (else start afresh and remove old ones); `checkpoint_layers` are the adapted layers whose frozen
     weights the checkpoints keep (see checkpoint_filter). `on_step(step)` runs after every optimizer step, on every
-    process, outside the training time (the runner's analyses at `analysis_steps`)."""
+    process, outside the training time (the runner's analyses at `analysis_steps`); `checkpoint_notes` go into every
+    checkpoint (checkpoint_meta reads them back)."""
     gen = torch.Generator().manual_seed(seed)  # the run seed fixes the shuffling order
     train_loader = DataLoader(
         data.train,
@@ -362,7 +377,7 @@ def train(
             # overwrites what the variant's init computed (LoRA-GA's W0 - s*B0*A0 is in the model's state)
             accelerator.load_state(str(latest[0]), strict=False)
             gen.set_state(loop.epoch_rng)
-            result.curves, result.resumed_from = loop.curves, loop.step  # W&B: the same run id continues it
+            result.curves, result.resumed_from = loop.curves, loop.step  # W&B: the checkpoint's run continues
 
     def checkpoint_due() -> bool:
         return checkpoint_dir is not None and cfg.checkpoint_every > 0 and loop.step % cfg.checkpoint_every == 0
@@ -422,7 +437,7 @@ def train(
                 start += time.perf_counter() - paused  # not training time
             if checkpoint_due():
                 loop.train_time_s = time.perf_counter() - start
-                save_checkpoint(accelerator, checkpoint_dir, step, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, checkpoint_dir, step, cfg.keep_checkpoints, checkpoint_notes)
             if step >= steps:
                 break
         else:  # the epoch ran out (not the step budget)
