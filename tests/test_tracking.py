@@ -149,6 +149,25 @@ def test_the_traceback_of_a_composition_error_on_request(tmp_path):
     assert proc.returncode != 2 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
 
 
+def test_run_log_holds_the_stages_and_where_the_run_and_its_wandb_run_are(tmp_path):
+    proc = run_cli(
+        *TINY_TEXT,
+        "logger.system_metrics=false",
+        f"logger.dir={tmp_path}",
+        f"paths.results_dir={tmp_path}/results",
+        f"hydra.run.dir={tmp_path}/hydra",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "hydra" / "run.log").read_text()
+    (run_dir,) = [p.parent for p in (tmp_path / "results").rglob("result.json")]
+    assert f"[loralab] run {run_dir}\n" in log and f"[loralab] run {run_dir} | W&B {tmp_path}/wandb/" in log
+    stages = ["build", "data: ", "model tiny_bert:", "prepare", "first-step probe: full fine-tuning's gradient"]
+    stages += ["first-step probe: lora's first step", "first-step probe: done", "train_stage", "analyse", "saving"]
+    where = [log.find(stage) for stage in stages]
+    assert -1 not in where and where == sorted(where), dict(zip(stages, where))  # every stage, in order
+
+
 def test_sweep_report_over_seeds_its_analysis_run_and_fail_on_error(tmp_path):
     """A sweep with two seeds and a diverging lr: the table over seeds, one W&B analysis run in the sweep's group
     with the φ table and grid of the seed pair and the claims, and a non-zero exit under fail_on_error."""
@@ -170,6 +189,7 @@ def test_sweep_report_over_seeds_its_analysis_run_and_fail_on_error(tmp_path):
     assert proc.returncode != 0 and "2 of 4 jobs failed" in proc.stderr + proc.stdout
     assert "4 jobs, 2 failed" in proc.stdout and "over seeds (mean ± std (n))" in proc.stdout
     assert "(n=2)" in proc.stdout.split("over seeds")[1]
+    assert "cross-run analysis 1/1: seed pair" in proc.stdout  # a stage line of the sweep's own
     runs = offline_runs(tmp_path)
     assert len(runs) == 5 and len({r["group"] for r in runs}) == 1
     (analysis,) = [r for r in runs if r["name"] == "sweep analysis"]

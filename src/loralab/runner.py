@@ -148,9 +148,9 @@ def build(job: Job) -> None:
     set_seed(cfg.seed)
     job.data = load_task(cfg.task, build_tokenizer(cfg.model))
     record.data = {"fingerprint": job.data.fingerprint, "sizes": job.data.sizes}
-    if job.main:
-        say(f"[loralab] data: {job.data.sizes}")
+    log.info("data: %s examples (train/val/test)", "/".join(map(str, job.data.sizes.values())))
     job.model = build_model(cfg.model, cfg.task, cfg.paths.cache_dir).to(job.accelerator.device)
+    log.info("model %s: %s on %s", cfg.model.name, type(job.model).__name__, job.accelerator.device)
     if cfg.train.gradient_checkpointing:
         check_gradient_checkpointing(job.model)
     check_select_best(cfg.train, job.data, job.model, job.accelerator)
@@ -311,6 +311,7 @@ def analyse(job: Job) -> None:
         if job.main and job.cfg.analysis_steps:
             record.analysis_by_step = collected_step_analyses(job)
         if job.cfg.save_weights and job.main:
+            log.info("saving the weights to %s", job.out / "weights")
             with atomic_dir(job.out / "weights") as tmp:
                 job.variant.save(job.accelerator.unwrap_model(model), tmp)
             record.artifacts["weights"] = job.relative(job.out / "weights")
