@@ -35,6 +35,8 @@ def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_
     summary = run["summary"]
     assert summary["status"] == "completed" and summary["steps"] == record.steps == 4
     assert summary["params/trainable"] == record.params["trainable"] and summary["examples_per_s"] > 0
+    assert 4 * 8 <= record.tokens <= 4 * 8 * 64  # 4 steps of 8 examples, 1..max_length=64 tokens each
+    assert summary["tokens_per_s"] == pytest.approx(record.tokens / record.train_time_s, rel=1e-3)
     assert summary["train_time_s"] == record.train_time_s and summary["init_time_s"] == record.init_time_s
     assert summary["test/accuracy"] == pytest.approx(record.metrics["test/accuracy"])
     assert "metrics" not in summary  # the metrics once, not also as a nested copy
@@ -69,7 +71,13 @@ def test_a_failed_job_has_its_error_in_the_summary(compose_cfg, tmp_path):
 def test_a_fresh_start_opens_a_new_wandb_run_and_a_resumed_job_continues_its_own(compose_cfg, tmp_path):
     """W&B drops every step below a run's current one, so a restart from step 0 (overwrite=true) gets a new run id;
     a job resumed from a checkpoint (one killed after it: here its result removed) continues the run it names."""
-    args = (*TINY_TEXT, "logger.system_metrics=false", "train.checkpoint_every=2", "analyses=[]")
+    args = (
+        *TINY_TEXT,
+        "logger.system_metrics=false",
+        "train.checkpoint_every=2",
+        "analyses=[]",
+        "train.max_grad_norm=0",
+    )
     first = run_job(compose_cfg(*args))
     second = run_job(compose_cfg(*args, "overwrite=true"))
     (tmp_path / "results" / second.run_dir / RESULT_FILE).unlink()
@@ -80,6 +88,8 @@ def test_a_fresh_start_opens_a_new_wandb_run_and_a_resumed_job_continues_its_own
     runs = offline_runs(tmp_path)
     assert [r["id"] for r in runs] == [first.wandb_run_id, second.wandb_run_id, second.wandb_run_id]
     assert not runs[0]["stats"] and {first.status, second.status, third.status} == {Status.COMPLETED}
+    norms = [r["train/grad_norm"] for r in runs[0]["history"] if "train/grad_norm" in r]
+    assert len(norms) == 1 and norms[0] > 0  # logged at the last step although nothing is clipped
 
 
 @pytest.mark.parametrize(

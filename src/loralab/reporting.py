@@ -46,6 +46,8 @@ def tracker_summary(record: RunRecord, cfg) -> dict:
     if record.steps and record.train_time_s:
         per_step = cfg.train.batch_size * cfg.train.grad_accum * (record.processes or 1)
         out["examples_per_s"] = round(record.steps * per_step / record.train_time_s, 2)
+        if record.tokens:  # text tasks: non-pad input tokens
+            out["tokens_per_s"] = round(record.tokens / record.train_time_s, 2)
     if record.error:
         out |= {f"error/{k}": record.error.get(k) for k in ("type", "message", "step")}
     return out

@@ -235,6 +235,7 @@ def train_stage(job: Job) -> None:
     )
     job.record.metrics, job.record.curves, job.record.steps = result.metrics, result.curves, result.steps
     job.record.train_time_s = round(result.train_time_s, 2)
+    job.record.tokens = result.tokens or None
     job.record.resumed_from_step = result.resumed_from
 
 

@@ -63,6 +63,7 @@ class TrainResult:
     steps: int = 0
     train_time_s: float = 0.0
     resumed_from: int | None = None  # the checkpoint step this run continued from
+    tokens: int = 0  # non-pad input tokens trained on, every process (0: a task without attention masks)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class LoopState:
     epoch_rng: torch.Tensor | None = None  # the shuffling generator's state when the current epoch began
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
     train_time_s: float = 0.0
+    tokens: int = 0  # this process's non-pad input tokens so far (tokens/s)
     # the selected checkpoint so far: step, epoch, value, val (its metrics), params (trainable parameters, CPU)
     best: dict = field(default_factory=dict)
     test_best: dict[str, list[float]] = field(default_factory=dict)  # test metric -> [step, best value seen]
@@ -405,13 +407,16 @@ def train(
                 if not torch.isfinite(losses).all():
                     raise NonFiniteLossError(loop.step + 1, losses[~torch.isfinite(losses)][0].item())
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                if accelerator.sync_gradients:  # the norm before clipping; max_grad_norm=0: measured, not clipped
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                    grad_norm = float(accelerator.clip_grad_norm_(trainable, max_norm))
                 optimizer.step()
                 if accelerator.sync_gradients:
                     variant.after_optimizer_step(model, loop.step)
                 optimizer.zero_grad(set_to_none=True)
             window.append(losses.float().mean().item())
+            if "attention_mask" in batch:
+                loop.tokens += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
             loop.step += 1
@@ -425,9 +430,7 @@ def train(
             result.curves["train/loss"].append([step, loss_value])
             result.curves["train/lr"].append([step, lr])
             if step % cfg.log_every == 0 or step == steps:
-                logged = {"train/loss": loss_value, "train/lr": lr, "epoch": loop.epoch}
-                if cfg.max_grad_norm > 0:
-                    logged["train/grad_norm"] = grad_norm  # before clipping
+                logged = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm, "epoch": loop.epoch}
                 tracker.log(logged, step)
             if by_steps and step % cfg.eval_every == 0 and step < steps and periodic:
                 log_periodic(step)
@@ -446,6 +449,7 @@ def train(
                 log_periodic(loop.step, {"epoch": loop.epoch})
     bar.close()
     result.steps, result.train_time_s = loop.step, time.perf_counter() - start
+    result.tokens = int(accelerator.reduce(torch.tensor(loop.tokens, device=accelerator.device), "sum"))
     final, test = validate(loop.step) if periodic else ({}, None)
     result.metrics.update({f"val/{k}": v for k, v in final.items()})
     best = loop.best if selected != "none" else {}
