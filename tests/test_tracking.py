@@ -51,6 +51,14 @@ def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_
     assert tables and all(r["step"] == record.steps for r in tables)  # the analyses at the final step
 
 
+def test_a_run_trains_the_same_with_and_without_wandb(compose_cfg, tmp_path):
+    """W&B starts after the data and the model are built, just before the init: it must not shift a random stream."""
+    quiet = run_job(compose_cfg(*TINY_TEXT, "logger=none", f"paths.results_dir={tmp_path}/a", "variant.dropout=0.1"))
+    tracked = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "variant.dropout=0.1"))
+    assert tracked.wandb_dir and not quiet.wandb_dir
+    assert tracked.curves == quiet.curves and tracked.metrics == quiet.metrics
+
+
 def test_step_analyses_reach_wandb_at_their_steps(compose_cfg, tmp_path):
     record = run_job(compose_cfg(*TINY_TEXT, "analysis_steps=[2]", "logger.system_metrics=false"))
     (run,) = offline_runs(tmp_path)
