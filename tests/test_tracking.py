@@ -108,6 +108,7 @@ def test_a_fresh_start_opens_a_new_wandb_run_and_a_resumed_job_continues_its_own
         ("train.warmup_steps=-1", r"train.warmup_steps=-1 must be >= 0"),
         ("train.max_grad_norm=-1", r"train.max_grad_norm=-1.0: must be >= 0"),
         ("train.num_workers=-1", r"train.num_workers=-1 must be >= 0"),
+        ("+train.lrr=1 +variant.alhpa=2", r"unknown settings \['variant.alhpa', 'train.lrr'\]: no schema declares"),
         ("train.select_best=val-acc", r"select_best='val-acc': none, metric .*, loss, or a validation"),
         ("objective=accuracy", r"objective='accuracy': a metric of the run's record, <val/\|test/\|final/val/"),
         ("variant.dropout=1.0", r"variant.dropout=1.0 must be in \[0, 1\)"),

@@ -8,6 +8,7 @@ Method-specific variant options live in subclasses of :class:`VariantConfig` nex
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
@@ -349,10 +350,28 @@ GENERATION_RANGES = [
 OBJECTIVE_PREFIXES = ("val/", "test/", "final/val/", "test_best/")
 
 
+def added_settings(node: Any, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added to a schema-typed node: Hydra lets them through, and nothing reads them."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []  # a free-form dict (model.config, task.eval_data)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    added = [f"{prefix}{k}" for k in node if k not in fields]
+    for key in [k for k in node if k in fields]:  # in the config's order: the message is the same every time
+        if OmegaConf.is_dict(child := node._get_node(key)) and not child._is_missing() and not child._is_none():
+            added += added_settings(child, f"{prefix}{key}.")
+    return added
+
+
 def validate(cfg: Any) -> None:
     """Cheap checks that need no model or data; each error names the bad value and what is allowed."""
     if OmegaConf.is_config(cfg):
         resolve_or_raise(cfg)
+        if added := added_settings(cfg):
+            raise ConfigError(
+                f"unknown settings {added}: no schema declares them, so nothing would read them (a typo of a "
+                f"setting's name? `python run.py --cfg job` shows the settings)"
+            )
     from loralab.analysis.per_run import ANALYSES  # noqa: PLC0415  (analyses import torch)
 
     unknown = [a for a in cfg.analyses if a not in ANALYSES]
