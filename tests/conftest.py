@@ -57,9 +57,9 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python run.py ...` in a subprocess (the way users run it), from the repository root."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python run.py ...` in a subprocess (the way users run it), from the repository root; `env` adds variables."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

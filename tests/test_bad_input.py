@@ -1,7 +1,10 @@
 """Bad input fails with a message naming the value and what is allowed, before weights or data are loaded."""
 
+import re
+
 import pytest
 
+from conftest import TINY_TEXT, run_cli
 from loralab.config import ConfigError
 from loralab.runner import check_inputs
 from loralab.variants import get_variant
@@ -85,13 +88,55 @@ def test_dataset_with_wrong_columns(compose_cfg, tmp_path):
         load_task(cfg.task, build_tokenizer(cfg.model))
 
 
-def test_unreachable_hub_names_the_dataset_and_the_local_copy_option(monkeypatch):
+def test_unreachable_hub_names_the_task_the_dataset_and_the_local_copy_option(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from loralab.tasks.hub import load_split
 
-    with pytest.raises(ConfigError, match=r"dataset 'nyu-mll/glue' \(sst2\) could not be loaded .* task.data_dir="):
-        load_split("nyu-mll/glue", "sst2", "train")
+    with pytest.raises(
+        ConfigError, match=r"task=glue_sst2: dataset 'nyu-mll/glue' \(sst2\) could not be loaded .* task.data_dir="
+    ):
+        load_split("nyu-mll/glue", "sst2", "train", task="glue_sst2")
+
+
+def _bad_data_cli(tmp_path, *overrides):
+    """`python run.py` with overrides only the data shows wrong: W&B on, so a started run would leave a folder."""
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return run_cli(
+        *TINY_TEXT,
+        "logger.system_metrics=false",
+        f"logger.dir={tmp_path}/wb",
+        f"paths.results_dir={tmp_path}/results",
+        f"hydra.run.dir={tmp_path}/hydra",
+        *overrides,
+        cwd=tmp_path,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["task=glue_sst2"],
+            r"task=glue_sst2: dataset 'nyu-mll/glue' \(sst2\) could not be loaded from the hub .*"
+            r"without hub access pass task.data_dir=<a local copy>",
+        ),
+        (["task.data_path={bad}"], r"task 'tweet_sentiment': .*tweets.csv lacks columns \['sentiment', 'confidence'"),
+        (["task=glue_sst2", "task.data_dir={tmp}"], r"\S+: no split 'train' \(expected a save_to_disk directory or"),
+    ],
+    ids=["unreachable-hub", "wrong-columns", "missing-split"],
+)
+def test_bad_data_at_the_command_line_exits_2_with_one_line_and_leaves_no_run(tmp_path, overrides, message):
+    bad = tmp_path / "tweets.csv"
+    bad.write_text("label,tweet\npositive,hello\n")
+    proc = _bad_data_cli(tmp_path, *(o.format(bad=bad, tmp=tmp_path) for o in overrides))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.match(rf"loralab: error: {message}", lines[0]), proc.stderr[-3000:]
+    # no result folder, no W&B run, no summary box
+    assert not (tmp_path / "results").exists() and not (tmp_path / "wb").exists() and "=====" not in proc.stdout
 
 
 @pytest.mark.parametrize("variant", ["loraga", "loraga_peft"])

@@ -207,7 +207,7 @@ def test_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
     ref = only_result(tmp_path / "ref")
 
     results = tmp_path / "killed"
-    # the killed job and its relaunch log to W&B: one run (the id is the run's identity), continued after the kill
+    # the killed job and its relaunch log to W&B: one run (its id is in the checkpoint), continued after the kill
     args = [*args[:-1], "logger=wandb", f"logger.dir={tmp_path}", "logger.system_metrics=false"]
     cmd = [sys.executable, str(ROOT / "run.py"), *args, f"paths.results_dir={results}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -227,7 +227,9 @@ def test_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
     resumed = read_record(run_dir / RESULT_FILE)
     assert resumed.resumed_from_step == max(done) and resumed.run_dir == ref.run_dir
     killed_run, relaunched_run = sorted((tmp_path / "wandb").glob("offline-run-*"))  # <time>-<run id>
-    assert killed_run.name.rsplit("-", 1)[1] == relaunched_run.name.rsplit("-", 1)[1] == wandb_run_id(ref.identity)
+    killed_id, relaunched_id = (d.name.split("-", 3)[3] for d in (killed_run, relaunched_run))  # (killed: no log)
+    assert killed_id == relaunched_id == resumed.wandb_run_id  # the checkpoint names the run to continue
+    assert killed_id.startswith(f"{wandb_run_id(ref.identity)}-")
     steps = [row["step"] for row in read_offline_run(relaunched_run)["history"] if "train/loss" in row]
     assert steps and min(steps) > max(done)  # the relaunch continues the run; it does not replay it
     assert not (run_dir / "checkpoints" / ".step_99.half").exists()

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY_TEXT, run_cli
 from loralab.config import ConfigError, validate
-from loralab.record import Status
+from loralab.record import RESULT_FILE, Status
 from loralab.reporting import wandb_run_id
 from loralab.runner import run_job
 from loralab.trackers import read_offline_run
@@ -29,12 +29,14 @@ def offline_runs(root: Path, wait_s: float = 20.0) -> list[dict]:
 def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_axis(compose_cfg, tmp_path):
     record = run_job(compose_cfg(*TINY_TEXT, "train.log_every=2", "experiment_name=wb"))
     (run,) = offline_runs(tmp_path)
-    assert run["id"] == wandb_run_id(record.identity)
+    assert run["id"] == record.wandb_run_id and run["id"].startswith(wandb_run_id(record.identity))
     assert run["stats"] and any("proc.memory.rssMB" in s for s in run["stats"])  # the System tab
     assert any(f"[loralab] run {tmp_path}" in line for line in run["console"])  # the Logs tab
     summary = run["summary"]
     assert summary["status"] == "completed" and summary["steps"] == record.steps == 4
     assert summary["params/trainable"] == record.params["trainable"] and summary["examples_per_s"] > 0
+    assert 4 * 8 <= record.tokens <= 4 * 8 * 64  # 4 steps of 8 examples, 1..max_length=64 tokens each
+    assert summary["tokens_per_s"] == pytest.approx(record.tokens / record.train_time_s, rel=1e-3)
     assert summary["train_time_s"] == record.train_time_s and summary["init_time_s"] == record.init_time_s
     assert summary["test/accuracy"] == pytest.approx(record.metrics["test/accuracy"])
     assert "metrics" not in summary  # the metrics once, not also as a nested copy
@@ -47,6 +49,14 @@ def test_offline_run_has_system_metrics_console_summary_provenance_and_one_step_
     assert len(norms) == 2 and all(n > 0 for n in norms)  # steps 2 and 4
     tables = [r for r in rows if "analysis/spectrum" in r]
     assert tables and all(r["step"] == record.steps for r in tables)  # the analyses at the final step
+
+
+def test_a_run_trains_the_same_with_and_without_wandb(compose_cfg, tmp_path):
+    """W&B starts after the data and the model are built, just before the init: it must not shift a random stream."""
+    quiet = run_job(compose_cfg(*TINY_TEXT, "logger=none", f"paths.results_dir={tmp_path}/a", "variant.dropout=0.1"))
+    tracked = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "variant.dropout=0.1"))
+    assert tracked.wandb_dir and not quiet.wandb_dir
+    assert tracked.curves == quiet.curves and tracked.metrics == quiet.metrics
 
 
 def test_step_analyses_reach_wandb_at_their_steps(compose_cfg, tmp_path):
@@ -66,16 +76,28 @@ def test_a_failed_job_has_its_error_in_the_summary(compose_cfg, tmp_path):
     assert "non-finite training loss" in run["summary"]["error/message"]
 
 
-def test_the_same_run_keeps_its_wandb_run_id(compose_cfg, tmp_path):
-    """A relaunched job (here re-run with overwrite=true; a resumed one likewise) writes into the same W&B run."""
-    first = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false"))
-    second = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "overwrite=true", "train.log_every=1"))
-    assert first.identity == second.identity
+def test_a_fresh_start_opens_a_new_wandb_run_and_a_resumed_job_continues_its_own(compose_cfg, tmp_path):
+    """W&B drops every step below a run's current one, so a restart from step 0 (overwrite=true) gets a new run id;
+    a job resumed from a checkpoint (one killed after it: here its result removed) continues the run it names."""
+    args = (
+        *TINY_TEXT,
+        "logger.system_metrics=false",
+        "train.checkpoint_every=2",
+        "analyses=[]",
+        "train.max_grad_norm=0",
+    )
+    first = run_job(compose_cfg(*args))
+    second = run_job(compose_cfg(*args, "overwrite=true"))
+    (tmp_path / "results" / second.run_dir / RESULT_FILE).unlink()
+    third = run_job(compose_cfg(*args))
+    assert first.identity == second.identity == third.identity and third.resumed_from_step == 4
+    assert first.wandb_run_id != second.wandb_run_id == third.wandb_run_id
+    assert first.wandb_run_id.startswith(f"{wandb_run_id(first.identity)}-")
     runs = offline_runs(tmp_path)
-    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"] == wandb_run_id(first.identity)
-    assert not runs[0]["stats"] and first.status == second.status == Status.COMPLETED
-    other = run_job(compose_cfg(*TINY_TEXT, "logger.system_metrics=false", "seed=1"))
-    assert wandb_run_id(other.identity) != runs[0]["id"]
+    assert [r["id"] for r in runs] == [first.wandb_run_id, second.wandb_run_id, second.wandb_run_id]
+    assert not runs[0]["stats"] and {first.status, second.status, third.status} == {Status.COMPLETED}
+    norms = [r["train/grad_norm"] for r in runs[0]["history"] if "train/grad_norm" in r]
+    assert len(norms) == 1 and norms[0] > 0  # logged at the last step although nothing is clipped
 
 
 @pytest.mark.parametrize(
@@ -85,11 +107,32 @@ def test_the_same_run_keeps_its_wandb_run_id(compose_cfg, tmp_path):
         ("train.log_every=0", r"train.log_every=0 must be positive"),
         ("train.warmup_steps=-1", r"train.warmup_steps=-1 must be >= 0"),
         ("train.max_grad_norm=-1", r"train.max_grad_norm=-1.0: must be >= 0"),
+        ("train.num_workers=-1", r"train.num_workers=-1 must be >= 0"),
+        ("+train.lrr=1 +variant.alhpa=2", r"unknown settings \['variant.alhpa', 'train.lrr'\]: no schema declares"),
+        ("train.select_best=val-acc", r"select_best='val-acc': none, metric .*, loss, or a validation"),
+        ("objective=accuracy", r"objective='accuracy': a metric of the run's record, <val/\|test/\|final/val/"),
+        ("variant.dropout=1.0", r"variant.dropout=1.0 must be in \[0, 1\)"),
+        ("variant.alpha=0", r"variant.alpha=0.0 must be > 0"),
+        ("variant=lora_plus variant.lr_ratio=-2", r"variant.lr_ratio=-2.0 must be > 0"),
+        ("variant=adalora variant.init_rank_ratio=0.5", r"variant.init_rank_ratio=0.5 must be >= 1"),
+        ("variant=adalora variant.tinit_ratio=0.6 variant.tfinal_ratio=0.5", r"tinit_ratio=0.6 \+ .* must be < 1"),
+        ("variant=adalora variant.delta_t=0", r"variant.delta_t=0 must be >= 1"),
+        ("variant=dora_lierra variant.dropout=0.1", r"dora_lierra: variant.dropout=0.1 is not supported"),
+        ("task.max_length=0", r"task.max_length=0 must be > 0"),
+        ("task.n_val=-1", r"task.n_val=-1 must be >= 0"),
+        ("task.n_train=0", r"task.n_train=0 must be > 0 \(or null"),
+        ("task.generation.num_beams=0", r"task.generation.num_beams=0 must be >= 1"),
+        ("task.generation.top_p=0", r"task.generation.top_p=0.0 must be in \(0, 1\]"),
+        ("task.generation.do_sample=true task.generation.temperature=0", r"generation.temperature=0.0 must be > 0"),
     ],
 )
-def test_bad_training_settings_fail_validation(compose_cfg, override, message):
+def test_bad_settings_fail_validation(compose_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_cfg(*TINY_TEXT, override))
+        validate(compose_cfg(*TINY_TEXT, *override.split()))
+
+
+def test_greedy_decoding_ignores_the_temperature(compose_cfg):
+    validate(compose_cfg(*TINY_TEXT, "task.generation.temperature=0"))  # do_sample=false: not checked
 
 
 def test_bad_input_at_the_command_line_exits_2_with_one_line_and_leaves_nothing(tmp_path):
@@ -102,13 +145,46 @@ def test_bad_input_at_the_command_line_exits_2_with_one_line_and_leaves_nothing(
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
 
 
-def test_a_misspelled_choice_fails_at_composition_naming_the_allowed_values(tmp_path):
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("train.scheduler=cosin", "train.scheduler=cosin: Invalid value 'cosin', expected one of [linear, cosine,"),
+        ("train.eval_every=abc", "train.eval_every=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("variant=nope", "variant=nope: no such option; variant: adalora, adalora_static, dora,"),
+        ("train.nosuch=1", "unknown setting 'train.nosuch'; train has: lr, lr_table,"),
+        ("train.lr=[", "train.lr=[: no viable alternative at input '['"),
+    ],
+)
+def test_a_bad_value_at_composition_exits_2_with_one_line_naming_what_is_allowed(tmp_path, override, line):
+    proc = run_cli(*TINY_TEXT, "logger=none", override, f"paths.results_dir={tmp_path}/results", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [text for text in proc.stderr.splitlines() if text.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"loralab: error: {line}"), proc.stderr[-2000:]
+    assert not proc.stdout.strip() and not list(tmp_path.iterdir())  # nothing written, not even Hydra's outputs/
+
+
+def test_the_traceback_of_a_composition_error_on_request(tmp_path):
+    proc = run_cli("train.scheduler=cosin", "hydra.verbose=true", cwd=tmp_path)
+    assert proc.returncode != 2 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
+
+
+def test_run_log_holds_the_stages_and_where_the_run_and_its_wandb_run_are(tmp_path):
     proc = run_cli(
-        *TINY_TEXT, "logger=none", "train.scheduler=cosin", f"paths.results_dir={tmp_path}/results", cwd=tmp_path
+        *TINY_TEXT,
+        "logger.system_metrics=false",
+        f"logger.dir={tmp_path}",
+        f"paths.results_dir={tmp_path}/results",
+        f"hydra.run.dir={tmp_path}/hydra",
+        cwd=tmp_path,
     )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "Invalid value 'cosin', expected one of [linear, cosine," in proc.stderr
-    assert not (tmp_path / "results").exists()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "hydra" / "run.log").read_text()
+    (run_dir,) = [p.parent for p in (tmp_path / "results").rglob("result.json")]
+    assert f"[loralab] run {run_dir}\n" in log and f"[loralab] run {run_dir} | W&B {tmp_path}/wandb/" in log
+    stages = ["build", "data: ", "model tiny_bert:", "prepare", "first-step probe: full fine-tuning's gradient"]
+    stages += ["first-step probe: lora's first step", "first-step probe: done", "train_stage", "analyse", "saving"]
+    where = [log.find(stage) for stage in stages]
+    assert -1 not in where and where == sorted(where), dict(zip(stages, where))  # every stage, in order
 
 
 def test_sweep_report_over_seeds_its_analysis_run_and_fail_on_error(tmp_path):
@@ -132,6 +208,7 @@ def test_sweep_report_over_seeds_its_analysis_run_and_fail_on_error(tmp_path):
     assert proc.returncode != 0 and "2 of 4 jobs failed" in proc.stderr + proc.stdout
     assert "4 jobs, 2 failed" in proc.stdout and "over seeds (mean ± std (n))" in proc.stdout
     assert "(n=2)" in proc.stdout.split("over seeds")[1]
+    assert "cross-run analysis 1/1: seed pair" in proc.stdout  # a stage line of the sweep's own
     runs = offline_runs(tmp_path)
     assert len(runs) == 5 and len({r["group"] for r in runs}) == 1
     (analysis,) = [r for r in runs if r["name"] == "sweep analysis"]

@@ -8,7 +8,7 @@ from conftest import TINY_TEXT
 from loralab import fixtures
 from loralab.config import ConfigError
 from loralab.models import build_model, build_tokenizer
-from loralab.runner import check_inputs
+from loralab.runner import check_inputs, run_job
 from loralab.tasks import EvalContext, load_task
 from loralab.trackers import Tracker
 from loralab.train import improves, make_accelerator, steps_per_epoch, train
@@ -120,6 +120,28 @@ def test_bad_selection_settings_fail_early(compose_cfg, tmp_path):
     cfg, variant, data, model = _setup(compose_cfg, tmp_path, "train.select_best=bleu")
     with pytest.raises(ConfigError, match=r"select_best='bleu': validation reports \['accuracy'"):
         train(model, variant, data, cfg.train, 0, Tracker(), make_accelerator(cfg.train))
+
+
+def test_a_misspelled_selection_metric_fails_before_training_and_leaves_no_run(compose_cfg, tmp_path):
+    """Two validation examples name the metrics before the tracker starts: no W&B run, no result folder."""
+    cfg = compose_cfg(*TINY_TEXT, "train.select_best=acuracy", "logger.system_metrics=false")
+    with pytest.raises(ConfigError, match=r"select_best='acuracy': validation of task reports \['accuracy', .*'loss'"):
+        run_job(cfg)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "wandb").exists()
+    record = run_job(compose_cfg(*TINY_TEXT, "train.select_best=val/accuracy", "logger=none"))
+    assert record.metrics["best/step"] in (2, 4)  # the val/ prefix names the same metric
+
+
+def test_unsupported_gradient_checkpointing_fails_before_the_tracker_and_leaves_no_run(compose_cfg, tmp_path):
+    cfg = compose_cfg(
+        "model=tiny_convnext",
+        "task=digits_transfer",
+        "train.gradient_checkpointing=true",
+        "logger.system_metrics=false",
+    )
+    with pytest.raises(ConfigError, match="ConvNextV2ForImageClassification does not support gradient checkpointing"):
+        run_job(cfg)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "wandb").exists()
 
 
 def test_fp16_training_keeps_trainable_parameters_in_fp32(compose_cfg, tmp_path):

@@ -16,6 +16,7 @@ callback after a sweep.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from safetensors.torch import load_file
 from loralab.analysis.subspace import phi_grid, random_phi_grid
 from loralab.io import write_json_atomic
 from loralab.results import load_runs
+
+log = logging.getLogger(__name__)
 
 BASES = ("A_right", "B_left", "dW_right")
 # runs of one group share everything but rank and seed: the same setup, hyperparameters and target set
@@ -108,7 +111,9 @@ def analyze_runs(
     """φ results for every rank / seed pair among the runs of `frame` (rows of `load_runs(root)`), one JSON per pair
     in `<root>/<experiment>/analysis/`, named after the pair's identities."""
     root, written = Path(root), []
-    for kind, a, b in _pairs(frame, rank_pairs, seed_pairs, seed_pair_rank):
+    pairs = list(_pairs(frame, rank_pairs, seed_pairs, seed_pair_rank))
+    for i, (kind, a, b) in enumerate(pairs, 1):  # each a line in the sweep's log (Hydra's console, SLURM)
+        log.info("cross-run analysis %d/%d: %s pair %s vs %s", i, len(pairs), kind, a.run_dir, b.run_dir)
         files = [_bases_path(root, r) for r in (a, b)]
         if None in files:
             print(f"[loralab.analyze] skip {kind} pair {a.run_dir} / {b.run_dir}: no saved bases (analyses=[]?)")

@@ -20,12 +20,12 @@ def _options(group: str) -> list[Path]:
     return sorted((CONF / group).glob("*.yaml"))
 
 
-def _description(path: Path) -> str:
-    """The first comment line of an option file that is not a Hydra directive, shortened to one line."""
+def _description(path: Path, limit: int = 88) -> str:
+    """The first comment line of an option file that is not a Hydra directive, shortened to `limit` characters."""
     for line in path.read_text().splitlines():
         if line.startswith("#") and not line.startswith("# @package"):
             text = line.lstrip("# ").strip()
-            return text if len(text) <= 88 else text[:87].rsplit(" ", 1)[0] + " …"
+            return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + " …"
     return ""
 
 
@@ -54,10 +54,14 @@ def options_text() -> str:
         names = [p.stem + ("*" if defaults.get(group) == p.stem else "") for p in _options(group)]
         wrapped = _wrap(names, 12)
         out += [f"  {group:<10}{wrapped[0]}", *(f"  {'':<10}{line}" for line in wrapped[1:])]
+    described = {"variant": _options("variant"), "experiment": _options("experiment")}
+    # one name column for both lists, as wide as the longest name (liera_coco_mask2former) plus a gap
+    column = max(20, 2 + max(len(p.stem) for paths in described.values() for p in paths))
     out += ["", "Variants (variant=<name>):"]
-    out += [f"  {p.stem:<20}{_description(p)}" for p in _options("variant")]
+    limit = min(88, WIDTH - 2 - column)
+    out += [f"  {p.stem:<{column}}{_description(p, limit)}" for p in described["variant"]]
     out += ["", "Presets (experiment=<name>; a preset that defines a sweep runs it with -m):"]
-    out += [f"  {p.stem:<20}{_description(p)}" for p in _options("experiment")]
+    out += [f"  {p.stem:<{column}}{_description(p, limit)}" for p in described["experiment"]]
     return "\n".join(out)
 
 

@@ -8,6 +8,8 @@ Method-specific variant options live in subclasses of :class:`VariantConfig` nex
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -316,10 +318,60 @@ def resolve_or_raise(cfg: Any) -> None:
         raise ConfigError(f"{exc.full_key}: {cause}") from exc
 
 
+def check_ranges(prefix: str, node: Any, rules) -> None:
+    """Each (option, allowed?, what is allowed) of `rules` that `node` has and sets (not None)."""
+    for name, allowed, what in rules:
+        value = getattr(node, name, None)
+        if value is not None and not allowed(value):
+            raise ConfigError(f"{prefix}.{name}={value} {what}")
+
+
+TASK_RANGES = [
+    ("max_length", lambda v: v > 0, "must be > 0 (tokens)"),
+    ("image_size", lambda v: v > 0, "must be > 0 (pixels)"),
+    ("max_image_size", lambda v: v > 0, "must be > 0 (pixels)"),
+    ("n_train", lambda v: v > 0, "must be > 0 (or null: all that remain)"),
+    ("n_val", lambda v: v >= 0, "must be >= 0"),
+    ("n_test", lambda v: v >= 0, "must be >= 0"),
+    ("test_limit", lambda v: v > 0, "must be > 0 (or null: the whole test split)"),
+    ("min_confidence", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("sandbox_timeout_s", lambda v: v > 0, "must be > 0 (seconds)"),
+]
+GENERATION_RANGES = [
+    *[
+        (name, lambda v: v >= 1, "must be >= 1")
+        for name in ("max_new_tokens", "num_beams", "num_samples", "batch_size", "max_prompt_length")
+    ],
+    ("top_k", lambda v: v >= 0, "must be >= 0 (0: no top-k filter)"),
+    ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("temperature", lambda v: v > 0, "must be > 0"),
+]
+# the record's metric keys a sweeper can optimise (`objective`): <prefix><metric name>
+OBJECTIVE_PREFIXES = ("val/", "test/", "final/val/", "test_best/")
+
+
+def added_settings(node: Any, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added to a schema-typed node: Hydra lets them through, and nothing reads them."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []  # a free-form dict (model.config, task.eval_data)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    added = [f"{prefix}{k}" for k in node if k not in fields]
+    for key in [k for k in node if k in fields]:  # in the config's order: the message is the same every time
+        if OmegaConf.is_dict(child := node._get_node(key)) and not child._is_missing() and not child._is_none():
+            added += added_settings(child, f"{prefix}{key}.")
+    return added
+
+
 def validate(cfg: Any) -> None:
     """Cheap checks that need no model or data; each error names the bad value and what is allowed."""
     if OmegaConf.is_config(cfg):
         resolve_or_raise(cfg)
+        if added := added_settings(cfg):
+            raise ConfigError(
+                f"unknown settings {added}: no schema declares them, so nothing would read them (a typo of a "
+                f"setting's name? `python run.py --cfg job` shows the settings)"
+            )
     from loralab.analysis.per_run import ANALYSES  # noqa: PLC0415  (analyses import torch)
 
     unknown = [a for a in cfg.analyses if a not in ANALYSES]
@@ -352,6 +404,19 @@ def validate(cfg: Any) -> None:
         )
     if t.log_every == 0:
         raise ConfigError("train.log_every=0 must be positive")
+    if t.num_workers < 0:
+        raise ConfigError(f"train.num_workers={t.num_workers} must be >= 0 (0: load batches in the main process)")
+    if not re.fullmatch(r"(val/)?\w+", t.select_best):
+        raise ConfigError(
+            f"train.select_best={t.select_best!r}: none, metric (the task's headline metric), loss, or a validation "
+            f"metric's name (accuracy, f1, ...; val/<name> also)"
+        )
+    objective = cfg.get("objective") if OmegaConf.is_config(cfg) else getattr(cfg, "objective", None)
+    if objective is not None and not re.fullmatch(rf"({'|'.join(OBJECTIVE_PREFIXES)})\w+", objective):
+        raise ConfigError(
+            f"objective={objective!r}: a metric of the run's record, <{'|'.join(OBJECTIVE_PREFIXES)}><metric>, "
+            f"e.g. val/accuracy"
+        )
     if t.weight_decay < 0 or t.max_grad_norm < 0:
         raise ConfigError(f"train.weight_decay={t.weight_decay}, train.max_grad_norm={t.max_grad_norm}: must be >= 0")
     if t.max_steps <= 0 and t.epochs <= 0:
@@ -366,6 +431,13 @@ def validate(cfg: Any) -> None:
     if not cfg.model.target_modules:
         raise ConfigError(f"model.target_modules of model {cfg.model.name!r} is empty")
     task = cfg.task
+    check_ranges("task", task, TASK_RANGES)
+    check_ranges("task.generation", task.generation, GENERATION_RANGES[:-1])
+    if task.generation.do_sample:  # greedy decoding and beam search ignore the temperature
+        check_ranges("task.generation", task.generation, GENERATION_RANGES[-1:])
+    from loralab.variant_configs import check_variant_ranges  # noqa: PLC0415  (imports this module)
+
+    check_variant_ranges(cfg.variant)
     if TASK_KINDS[task.kind][1] and not task.labels:
         raise ConfigError(f"task {task.name!r} ({task.kind}) needs task.labels (the class names), got none")
     if task.kind == "text2text" and len(task.label_words) != len(task.labels):

@@ -92,7 +92,9 @@ class RunRecord:
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to the results root
     memory: dict = field(default_factory=dict)
     error: dict | None = None  # type, message, traceback, step
+    tokens: int | None = None  # non-pad input tokens trained on (text tasks), for tokens/s
     wandb_dir: str | None = None
+    wandb_run_id: str | None = None  # a job resumed from a checkpoint continues it; a fresh start opens a new run
     skipped: bool = False  # returned for a completed run that was not re-run (never written)
 
     def to_dict(self) -> dict:

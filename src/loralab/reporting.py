@@ -20,8 +20,16 @@ def wandb_id(text: str) -> str:
 
 
 def wandb_run_id(identity) -> str:
-    """A job's W&B run id, from the run's identity (a relaunched job continues its own run)."""
+    """The identity part of a job's W&B run ids (and its model artifact's name)."""
     return wandb_id(identity.relative_dir().as_posix())
+
+
+def fresh_run_id(identity, started_at: str) -> str:
+    """The W&B run id of a job that starts from step 0: the identity's, plus when this start began. W&B drops every
+    step below a run's current one, so a restart (overwrite=true, train.resume=false, a failed job run again) cannot
+    write into an earlier attempt's run; a job resumed from a checkpoint continues the run the checkpoint names."""
+    stamp = "".join(c for c in started_at.split("+")[0] if c.isalnum())  # 2026-12-02T07:26:24 -> 20261202T072624
+    return f"{wandb_run_id(identity)}-{stamp}"
 
 
 def tracker_summary(record: RunRecord, cfg) -> dict:
@@ -38,6 +46,8 @@ def tracker_summary(record: RunRecord, cfg) -> dict:
     if record.steps and record.train_time_s:
         per_step = cfg.train.batch_size * cfg.train.grad_accum * (record.processes or 1)
         out["examples_per_s"] = round(record.steps * per_step / record.train_time_s, 2)
+        if record.tokens:  # text tasks: non-pad input tokens
+            out["tokens_per_s"] = round(record.tokens / record.train_time_s, 2)
     if record.error:
         out |= {f"error/{k}": record.error.get(k) for k in ("type", "message", "step")}
     return out

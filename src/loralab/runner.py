@@ -1,19 +1,23 @@
 """One job in stages: validate -> build -> prepare -> train -> analyse -> record (`run_job` calls them in order).
 
-Bad input stops at validation, before anything is loaded or written; every later outcome ends in a result file."""
+Bad input stops at validation, before anything is loaded or written; bad input that only the data or the model shows
+stops in `build` before the tracker starts, with nothing written either; every later outcome ends in a result file."""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import get_int_from_env, set_seed
 from omegaconf import DictConfig, OmegaConf
@@ -26,13 +30,16 @@ from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
 from loralab.record import RESULT_FILE, RunRecord, Status, identity_of, read_record
-from loralab.reporting import format_summary, override_name, tracker_summary, wandb_run_id
+from loralab.reporting import format_summary, fresh_run_id, override_name, tracker_summary, wandb_run_id
 from loralab.results import BASES_FILE, PeakMemory, provenance
 from loralab.targets import check_rank, find_targets, matches
 from loralab.tasks import check_data_path, load_task
 from loralab.trackers import Tracker, make_tracker
 from loralab.train import (
     NonFiniteLossError,
+    check_gradient_checkpointing,
+    check_select_best,
+    checkpoint_meta,
     checkpoints,
     device_batches,
     gathered_parameters,
@@ -99,6 +106,7 @@ class Job:
     tracker: Tracker | None = None
     data: Any = None
     model: torch.nn.Module | None = None
+    run_id: str | None = None  # the W&B run's (whether or not this job logs to W&B: a relaunch may)
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -110,29 +118,65 @@ def validate_job(cfg) -> tuple[Variant, list[str], list[PerRunAnalysis]]:
     return variant, targets, make_analyses(list(cfg.analyses), cfg.rank, targets)
 
 
+def say(message: str, level: int = logging.INFO) -> None:
+    """A stage line through `logging` where it is shown (Hydra's console and run.log, SLURM logs); printed where
+    logging is not set up (run_job from Python, a notebook)."""
+    if log.isEnabledFor(level):
+        log.log(level, message)
+    else:
+        print(message)
+
+
+@contextmanager
+def rng_kept():
+    """The random streams as they were: starting W&B after the model is built must not change what the run trains."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py)
+    np.random.set_state(np_state)
+
+
 def build(job: Job) -> None:
-    """Stage 2: accelerator, tracker, data and the pretrained model."""
+    """Stage 2: accelerator, data and the pretrained model, then the tracker. What only the data or the model can
+    show wrong (a hub out of reach, wrong columns, a missing split) fails before anything is written."""
     cfg, record = job.cfg, job.record
     job.accelerator = make_accelerator(cfg.train)
     record.processes = job.accelerator.num_processes  # data-parallel processes that trained this run
-    identity = record.identity
-    job.tracker = make_tracker(
-        cfg.logger,
-        group=job.group or cfg.experiment_name,
-        name=override_name(record.overrides),
-        tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
-        # group / filter dashboards by identity; provenance beside the config
-        config=record.config | {"identity": identity.columns(), "provenance": record.provenance},
-        run_id=wandb_run_id(identity),
-        main_process=job.main,
-    )
-    record.wandb_dir = job.tracker.location
-    if job.main:  # where to look, before the minutes of work start (also in the W&B run's Logs tab)
-        print(f"[loralab] run {job.out}" + (f" | W&B {record.wandb_dir}" if record.wandb_dir else ""))
+    if job.main:  # where to look, before the minutes of work start
+        say(f"[loralab] run {job.out}")
     set_seed(cfg.seed)
     job.data = load_task(cfg.task, build_tokenizer(cfg.model))
     record.data = {"fingerprint": job.data.fingerprint, "sizes": job.data.sizes}
+    log.info("data: %s examples (train/val/test)", "/".join(map(str, job.data.sizes.values())))
     job.model = build_model(cfg.model, cfg.task, cfg.paths.cache_dir).to(job.accelerator.device)
+    log.info("model %s: %s on %s", cfg.model.name, type(job.model).__name__, job.accelerator.device)
+    if cfg.train.gradient_checkpointing:
+        check_gradient_checkpointing(job.model)
+    check_select_best(cfg.train, job.data, job.model, job.accelerator)
+    identity = record.identity
+    # a job resumed from a checkpoint continues the W&B run that checkpoint names (written before the notes
+    # existed: the identity's id); a fresh start opens a new run (see fresh_run_id)
+    latest = checkpoints(job.out / "checkpoints")[-1:] if resumes(cfg) else []
+    if latest:
+        job.run_id = checkpoint_meta(latest[0]).get("wandb_run_id", wandb_run_id(identity))
+    else:
+        job.run_id = fresh_run_id(identity, record.started_at)
+    with rng_kept():
+        job.tracker = make_tracker(
+            cfg.logger,
+            group=job.group or cfg.experiment_name,
+            name=override_name(record.overrides),
+            tags=[f"{k}:{getattr(identity, k)}" for k in ("model", "task", "variant", "rank", "seed")],
+            # group / filter dashboards by identity; provenance beside the config
+            config=record.config | {"identity": identity.columns(), "provenance": record.provenance},
+            run_id=job.run_id,
+            main_process=job.main,
+        )
+    record.wandb_dir = job.tracker.location
+    record.wandb_run_id = job.run_id if record.wandb_dir else None
+    if job.main and record.wandb_dir:  # also the first line of the W&B run's Logs tab
+        say(f"[loralab] run {job.out} | W&B {record.wandb_dir}")
 
 
 def prepare(job: Job) -> None:
@@ -156,15 +200,22 @@ def prepare(job: Job) -> None:
     job.record.adapted_layers = list(job.targets)
 
 
+def resumes(cfg) -> bool:
+    """Whether a job continues from its newest checkpoint, where it has one (overwrite=true: from scratch)."""
+    return cfg.train.resume and not cfg.overwrite
+
+
 def train_stage(job: Job) -> None:
     """Stage 4: the training loop (and its final evaluation), with the ΔW analyses at `analysis_steps`."""
     cfg = job.cfg
     n_steps = total_steps(cfg.train, len(job.data.train), job.accelerator.num_processes)
     late = [s for s in cfg.analysis_steps if s >= n_steps]
     if late and job.main:  # a preset's steps on a shortened run (train.max_steps=...): the end is analysed anyway
-        log.warning("analysis_steps %s: not below the run's %d steps, only its end is analysed", late, n_steps)
-        print(f"[loralab] analysis_steps {late} are not below the run's {n_steps} steps: only its end is analysed")
-    resume = cfg.train.resume and not cfg.overwrite  # overwrite=true: from scratch
+        say(
+            f"[loralab] analysis_steps {late} are not below the run's {n_steps} steps: only its end is analysed",
+            logging.WARNING,
+        )
+    resume = resumes(cfg)
     if job.main and not (resume and checkpoints(job.out / "checkpoints")):
         shutil.rmtree(job.out / STEPS_DIR, ignore_errors=True)  # a fresh start: no step analyses of an older run
     result = train(
@@ -180,9 +231,11 @@ def train_stage(job: Job) -> None:
         resume=resume,
         checkpoint_layers=job.targets,
         on_step=step_analyses(job, n_steps) if cfg.analysis_steps else None,
+        checkpoint_notes={"wandb_run_id": job.run_id},  # the run a resumed job continues
     )
     job.record.metrics, job.record.curves, job.record.steps = result.metrics, result.curves, result.steps
     job.record.train_time_s = round(result.train_time_s, 2)
+    job.record.tokens = result.tokens or None
     job.record.resumed_from_step = result.resumed_from
 
 
@@ -259,6 +312,7 @@ def analyse(job: Job) -> None:
         if job.main and job.cfg.analysis_steps:
             record.analysis_by_step = collected_step_analyses(job)
         if job.cfg.save_weights and job.main:
+            log.info("saving the weights to %s", job.out / "weights")
             with atomic_dir(job.out / "weights") as tmp:
                 job.variant.save(job.accelerator.unwrap_model(model), tmp)
             record.artifacts["weights"] = job.relative(job.out / "weights")
@@ -269,7 +323,8 @@ def analyse(job: Job) -> None:
 def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_errors: bool = True) -> RunRecord:
     """Run one configured job and write its record (also when it fails after validation). Returns the record.
 
-    Bad input raises `ConfigError` before anything is loaded or written. In a multi-process job every process
+    Bad input raises `ConfigError` before anything is written (also when the data or the model shows it, in
+    `build`: the tracker starts after them). In a multi-process job every process
     trains; only the main process writes (result, bases, weights, W&B)."""
     variant, targets, analyses = validate_job(cfg)
     identity = identity_of(cfg)
@@ -278,9 +333,8 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
     main = is_main_process()
     existing = read_record(out / RESULT_FILE, root)
     if existing and existing.status == Status.COMPLETED and not cfg.overwrite:
-        log.info("skipping %s: completed result exists (overwrite=true to re-run)", out)
         if main:
-            print(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
+            say(f"[loralab] skip: {out / RESULT_FILE} exists (completed); pass overwrite=true to re-run")
         existing.skipped = True
         return existing
     record = RunRecord(
@@ -300,6 +354,10 @@ def run_job(cfg, overrides: list[str] = (), group: str | None = None, raise_erro
                 stage(job)
         record.status = Status.COMPLETED
     except Exception as exc:  # recorded, then re-raised for single runs; a sweep goes on to its next job
+        if isinstance(exc, ConfigError) and job.tracker is None:
+            # bad input that only the data or the model shows: like validation's, nothing is written (no result,
+            # no W&B run); run.py prints it in one line, a sweep lists it and goes on
+            raise
         failure = exc
         record.status = Status.FAILED
         record.error = {

@@ -20,6 +20,7 @@ harness reports as its test split).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -62,6 +63,7 @@ class TrainResult:
     steps: int = 0
     train_time_s: float = 0.0
     resumed_from: int | None = None  # the checkpoint step this run continued from
+    tokens: int = 0  # non-pad input tokens trained on, every process (0: a task without attention masks)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class LoopState:
     epoch_rng: torch.Tensor | None = None  # the shuffling generator's state when the current epoch began
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
     train_time_s: float = 0.0
+    tokens: int = 0  # this process's non-pad input tokens so far (tokens/s)
     # the selected checkpoint so far: step, epoch, value, val (its metrics), params (trainable parameters, CPU)
     best: dict = field(default_factory=dict)
     test_best: dict[str, list[float]] = field(default_factory=dict)  # test metric -> [step, best value seen]
@@ -133,14 +136,40 @@ def has_accelerator() -> bool:
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each layer's activations in backward (the HF model's own checkpointing). Non-reentrant: it needs no
     input that requires grad (PEFT freezes the embeddings) and replays dropout's RNG, so the numbers do not change."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
-    if not getattr(hf, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"train.gradient_checkpointing: {type(hf).__name__} does not support gradient checkpointing")
+    hf = check_gradient_checkpointing(model)
     kwargs = {"use_reentrant": False}
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_gradient_checkpointing(model):
+    """The HF model under PEFT's wrapper, if it can recompute activations (else a ConfigError naming its class)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(hf).__name__} does not support gradient checkpointing")
+    return hf
+
+
+def check_select_best(cfg: TrainConfig, data: TaskData, model=None, accelerator=None) -> None:
+    """`train.select_best` against the task: it needs a validation split, and a metric named by hand must be one that
+    validation reports; with `model`, two validation examples tell which, before any training."""
+    if cfg.select_best == "none":
+        return
+    if not data.val:  # MT-bench-style tasks have no validation split
+        raise ConfigError(f"train.select_best={cfg.select_best!r}: task has no validation split to select on")
+    name = cfg.select_best.removeprefix("val/")
+    if model is None or name in ("metric", "loss"):
+        return
+    training = model.training  # evaluators leave the model in train mode; the init's analyses see it as it was
+    reported = data.evaluate(model, data.val[:2], EvalContext(accelerator, 2, "val"))
+    model.train(training)
+    if name not in reported:
+        raise ConfigError(
+            f"train.select_best={cfg.select_best!r}: validation of task reports {sorted(reported)}; "
+            f"choose one of them, metric (the task's headline: {data.metric!r}), loss or none"
+        )
 
 
 def checkpoints(root: Path | None) -> list[Path]:
@@ -152,13 +181,25 @@ def checkpoints(root: Path | None) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) -> None:
-    """accelerate's state into <root>/step_<step>, atomically; then only the newest `keep` stay (0: all)."""
+CHECKPOINT_META = "loralab.json"  # beside accelerate's files: what the job outside the loop needs on resume
+
+
+def checkpoint_meta(checkpoint: Path) -> dict:
+    """The job's notes in a checkpoint (its W&B run id); {} for checkpoints written before they existed."""
+    path = Path(checkpoint) / CHECKPOINT_META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int, meta: dict | None = None) -> None:
+    """accelerate's state (and `meta`) into <root>/step_<step>, atomically; then only the newest `keep` stay (0:
+    all)."""
     main = accelerator.is_main_process
     with atomic_dir(root / f"step_{step}") if main else nullcontext() as tmp:
         # every process writes its own RNG state into the main process's temporary directory
         (tmp,) = broadcast_object_list([str(tmp) if main else None])
         accelerator.save_state(tmp)
+        if main and meta:
+            (Path(tmp) / CHECKPOINT_META).write_text(json.dumps(meta))
         accelerator.wait_for_everyone()
     if main and keep > 0:
         for old in checkpoints(root)[:-keep]:
@@ -255,11 +296,13 @@ def train(
     resume: bool = False,
     checkpoint_layers: Sequence[str] = (),
     on_step: Callable[[int], None] | None = None,
+    checkpoint_notes: dict | None = None,
 ) -> TrainResult:
     """Train `model` for the configured steps. With `resume`, continue from the newest checkpoint under
     `checkpoint_dir` (else start afresh and remove old ones); `checkpoint_layers` are the adapted layers whose frozen
     weights the checkpoints keep (see checkpoint_filter). `on_step(step)` runs after every optimizer step, on every
-    process, outside the training time (the runner's analyses at `analysis_steps`)."""
+    process, outside the training time (the runner's analyses at `analysis_steps`); `checkpoint_notes` go into every
+    checkpoint (checkpoint_meta reads them back)."""
     gen = torch.Generator().manual_seed(seed)  # the run seed fixes the shuffling order
     train_loader = DataLoader(
         data.train,
@@ -271,9 +314,9 @@ def train(
         drop_last=len(data.train) > cfg.batch_size,
     )
     splits = [split for split in ("val", "test") if getattr(data, split)]  # MT-bench-style tasks have no val
-    selected = data.metric if cfg.select_best == "metric" else cfg.select_best  # the validation metric, or "none"
-    if selected != "none" and "val" not in splits:
-        raise ConfigError(f"train.select_best={cfg.select_best!r}: task has no validation split to select on")
+    # the validation metric, or "none"
+    selected = data.metric if cfg.select_best == "metric" else cfg.select_best.removeprefix("val/")
+    check_select_best(cfg, data)
 
     def evaluate(split: str) -> dict[str, float]:
         ctx = EvalContext(accelerator, cfg.eval_batch_size, split, show, eval_dir)
@@ -336,7 +379,7 @@ def train(
             # overwrites what the variant's init computed (LoRA-GA's W0 - s*B0*A0 is in the model's state)
             accelerator.load_state(str(latest[0]), strict=False)
             gen.set_state(loop.epoch_rng)
-            result.curves, result.resumed_from = loop.curves, loop.step  # W&B: the same run id continues it
+            result.curves, result.resumed_from = loop.curves, loop.step  # W&B: the checkpoint's run continues
 
     def checkpoint_due() -> bool:
         return checkpoint_dir is not None and cfg.checkpoint_every > 0 and loop.step % cfg.checkpoint_every == 0
@@ -364,13 +407,16 @@ def train(
                 if not torch.isfinite(losses).all():
                     raise NonFiniteLossError(loop.step + 1, losses[~torch.isfinite(losses)][0].item())
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                if accelerator.sync_gradients:  # the norm before clipping; max_grad_norm=0: measured, not clipped
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                    grad_norm = float(accelerator.clip_grad_norm_(trainable, max_norm))
                 optimizer.step()
                 if accelerator.sync_gradients:
                     variant.after_optimizer_step(model, loop.step)
                 optimizer.zero_grad(set_to_none=True)
             window.append(losses.float().mean().item())
+            if "attention_mask" in batch:
+                loop.tokens += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
             loop.step += 1
@@ -384,9 +430,7 @@ def train(
             result.curves["train/loss"].append([step, loss_value])
             result.curves["train/lr"].append([step, lr])
             if step % cfg.log_every == 0 or step == steps:
-                logged = {"train/loss": loss_value, "train/lr": lr, "epoch": loop.epoch}
-                if cfg.max_grad_norm > 0:
-                    logged["train/grad_norm"] = grad_norm  # before clipping
+                logged = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm, "epoch": loop.epoch}
                 tracker.log(logged, step)
             if by_steps and step % cfg.eval_every == 0 and step < steps and periodic:
                 log_periodic(step)
@@ -396,7 +440,7 @@ def train(
                 start += time.perf_counter() - paused  # not training time
             if checkpoint_due():
                 loop.train_time_s = time.perf_counter() - start
-                save_checkpoint(accelerator, checkpoint_dir, step, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, checkpoint_dir, step, cfg.keep_checkpoints, checkpoint_notes)
             if step >= steps:
                 break
         else:  # the epoch ran out (not the step budget)
@@ -405,6 +449,7 @@ def train(
                 log_periodic(loop.step, {"epoch": loop.epoch})
     bar.close()
     result.steps, result.train_time_s = loop.step, time.perf_counter() - start
+    result.tokens = int(accelerator.reduce(torch.tensor(loop.tokens, device=accelerator.device), "sum"))
     final, test = validate(loop.step) if periodic else ({}, None)
     result.metrics.update({f"val/{k}": v for k, v in final.items()})
     best = loop.best if selected != "none" else {}

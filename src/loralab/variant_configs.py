@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loralab.config import VariantConfig, choice, outside_identity
+from loralab.config import ConfigError, VariantConfig, check_ranges, choice, outside_identity
 
 ConvLayout = choice("ConvLayout", "loralib", "peft")  # Conv2d adapters, see variants/conv_lora.py
 Direction = choice("Direction", "ArB2r", "A2rBr", "ArBr")  # LoRA-GA's singular-vector split
@@ -103,3 +103,30 @@ VARIANT_CONFIGS: dict[str, type[VariantConfig]] = {
     "pissa_lierra": PissaLieraVariantConfig,
     "dora_lierra": LieraVariantConfig,
 }
+
+
+# range checks on the variant's numeric options, wherever a schema has them: (option, allowed?, what is allowed)
+VARIANT_RANGES = [
+    ("alpha", lambda v: v > 0, "must be > 0"),
+    ("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("lr_ratio", lambda v: v > 0, "must be > 0 (η_B / η_A)"),
+    ("stable_gamma", lambda v: v > 0, "must be > 0"),
+    ("eps", lambda v: v > 0, "must be > 0 (or null)"),
+    ("init_rank_ratio", lambda v: v >= 1, "must be >= 1 (AdaLoRA starts at ceil(ratio·rank) >= the target rank)"),
+    ("tinit_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("tfinal_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("delta_t", lambda v: v >= 1, "must be >= 1 (steps between reallocations)"),
+    ("orth_reg_weight", lambda v: v >= 0, "must be >= 0"),
+]
+
+
+def check_variant_ranges(cfg) -> None:
+    """Signs and ranges of `cfg` (a variant's config), before any model is built."""
+    check_ranges("variant", cfg, VARIANT_RANGES)
+    if getattr(cfg, "schedule", None) == "reallocate" and cfg.tinit_ratio + cfg.tfinal_ratio >= 1:
+        raise ConfigError(
+            f"variant.tinit_ratio={cfg.tinit_ratio} + variant.tfinal_ratio={cfg.tfinal_ratio} must be < 1 "
+            f"(AdaLoRA reallocates ranks between them)"
+        )
+    if cfg.name in ("dora_lierra", "dora_liera") and cfg.dropout > 0:
+        raise ConfigError(f"{cfg.name}: variant.dropout={cfg.dropout} is not supported (DoRA+LieRA is defined for 0)")

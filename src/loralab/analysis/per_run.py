@@ -9,6 +9,8 @@ list in order at each point; adding one is a class here.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,6 +24,7 @@ from loralab.analysis.spectrum import spectrum_of_update
 from loralab.analysis.subspace import left_basis, right_basis
 from loralab.analysis.updates import MatrixUpdate
 
+log = logging.getLogger(__name__)
 MAX_BASIS = 64  # directions of ΔW kept for φ grids (the LoRA paper's largest rank)
 
 
@@ -140,11 +143,15 @@ class FirstStep(PerRunAnalysis):
     on_update = False  # the init only
 
     def before_prepare(self, model, batch):
+        log.info("first-step probe: full fine-tuning's gradient on %d target matrices", len(self.targets))
         self.probe = FirstStepProbe(self.targets, batch)
         self.probe.before_prepare(model)
 
     def after_prepare(self, model, variant):
+        start = time.perf_counter()
+        log.info("first-step probe: %s's first step against it", variant.name)
         self.table = self.probe.after_prepare(model, variant)
+        log.info("first-step probe: done in %.1f s", time.perf_counter() - start)
         del self.probe
 
     def rows(self):

@@ -32,8 +32,8 @@ def glue_rows(cfg: TaskConfig) -> tuple[list[dict], list[dict], list[dict]]:
     """train / val / test rows (dicts with the text fields and "label") after the fixed, seeded split."""
     if not cfg.text_fields:
         raise ConfigError(f"task {cfg.name!r}: task.text_fields is empty (e.g. [premise, hypothesis])")
-    train_ds = load_split(cfg.dataset, cfg.subset, cfg.train_split, cfg.data_dir)
-    test_ds = load_split(cfg.dataset, cfg.subset, cfg.test_split, cfg.data_dir)
+    train_ds = load_split(cfg.dataset, cfg.subset, cfg.train_split, cfg.data_dir, task=cfg.name)
+    test_ds = load_split(cfg.dataset, cfg.subset, cfg.test_split, cfg.data_dir, task=cfg.name)
     for ds, split in ((train_ds, cfg.train_split), (test_ds, cfg.test_split)):
         require_columns(ds, [*cfg.text_fields, "label"], f"task {cfg.name!r} split {split!r}")
     columns = [*cfg.text_fields, "label"]

@@ -11,9 +11,19 @@ from loralab.models import resolve_path
 FILE_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
 
 
-def load_split(dataset: str | None, subset: str | None, split: str, data_dir: str | None = None):
+def load_split(
+    dataset: str | None,
+    subset: str | None,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    task: str | None = None,
+    local_option: str = "task.data_dir",
+):
     """`datasets.load_dataset(dataset, subset, split=split)`, or from `data_dir` when given: a `save_to_disk`
-    directory (of a DatasetDict or one Dataset) or a file `<split>.{jsonl,json,parquet,csv}`."""
+    directory (of a DatasetDict or one Dataset) or a file `<split>.{jsonl,json,parquet,csv}`. `task` (the task
+    option) and `local_option` (the setting that names a local copy) are for the message when the hub is out of
+    reach."""
     import datasets  # noqa: PLC0415  (heavy; only tasks that need it import it)
 
     if data_dir is None:
@@ -23,9 +33,10 @@ def load_split(dataset: str | None, subset: str | None, split: str, data_dir: st
             return datasets.load_dataset(dataset, subset, split=split)
         except (ConnectionError, OSError) as exc:  # offline, firewalled, or not cached (HF_DATASETS_OFFLINE=1)
             raise ConfigError(
-                f"dataset {dataset!r}{f' ({subset})' if subset else ''} could not be loaded from the hub "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without hub access pass "
-                f"task.data_dir=<a local copy> (a save_to_disk directory or <split>.jsonl/.parquet/.csv files)"
+                f"{f'task={task}: ' if task else ''}dataset {dataset!r}{f' ({subset})' if subset else ''} could not "
+                f"be loaded from the hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"without hub access pass {local_option}=<a local copy> (a save_to_disk directory or "
+                f"<split>.jsonl/.parquet/.csv files)"
             ) from exc
     root = Path(resolve_path(data_dir))
     if (root / "dataset_dict.json").exists():

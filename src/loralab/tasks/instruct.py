@@ -98,7 +98,7 @@ def sft_pairs(cfg: TaskConfig, tokenizer) -> tuple[list[tuple[str, str]], list[t
     kept. `val_rows=random` (LLM-Adapters): `train_test_split(test_size=n_val, shuffle=True, seed=split_seed)` of
     all rows, as their finetune.py draws its validation set; the first n_train of the rest train."""
     columns, keep, to_pair = FORMATS[cfg.format]
-    rows = load_split(cfg.dataset, cfg.subset, cfg.train_split, cfg.data_dir)
+    rows = load_split(cfg.dataset, cfg.subset, cfg.train_split, cfg.data_dir, task=cfg.name)
     require_columns(rows, columns, f"task {cfg.name!r} ({cfg.format})")
     rows, joiner = rows.select_columns(columns), "" if cfg.format in LLM_ADAPTERS_FORMATS else " "
 
@@ -179,7 +179,9 @@ def benchmark_items(cfg: TaskConfig) -> list[dict]:
     for name in cfg.eval_sets:
         if name == "gsm8k":
             hub, local = _source(cfg, name)
-            ds = load_split(hub, "main" if hub else None, "test", local)
+            ds = load_split(
+                hub, "main" if hub else None, "test", local, task=cfg.name, local_option=f"task.eval_data.{name}"
+            )
             rows = [{"set": name, "prompt": gsm8k.eval_prompt(r["question"]), "reference": r["answer"]} for r in ds]
         elif name == "humaneval":
             hub, local = _source(cfg, name)

@@ -127,7 +127,7 @@ def load_rows(cfg: TaskConfig, split: str) -> tuple[Sequence, list[int], str]:
         rel = [str(Path(p).relative_to(folder)) for p in paths]
         return paths, labels, fingerprint(split, rel, labels)
     try:
-        ds = load_split(cfg.dataset, cfg.subset, split, cfg.data_dir)
+        ds = load_split(cfg.dataset, cfg.subset, split, cfg.data_dir, task=cfg.name)
     except ConfigError as exc:
         raise ConfigError(
             f"task {cfg.name!r}: no VTAB-1k folder ({cfg.subset}/{SPLIT_FILES['train800val200']} under data_dir) "
