@@ -230,7 +230,7 @@ def test_notebooks_execute_on_the_committed_results(notebook, monkeypatch):
     if not (ROOT / "results").is_dir() or runs_frame(ROOT / "results").empty:
         pytest.skip("no committed results in this checkout")
     # the committed results need not hold every variant (no LoRA-GA runs at present): a cell names what it lacks
-    check_outputs(execute(notebook, monkeypatch, ROOT / "results"), missing_noted=True)
+    check_outputs(execute(notebook, monkeypatch, ROOT / "results"))
 
 
 def test_one_notebook_per_paper():
