@@ -10,21 +10,29 @@ from conftest import TINY_TEXT, run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_a_three_trial_optuna_lr_search_on_a_tiny_model(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e .[search]")
-    proc = run_cli(
+def optuna_search(tmp_path, *overrides: str):
+    """A maximising Optuna search of val/accuracy on the tiny text job, results and sweep under tmp_path."""
+    return run_cli(
         "-m",
         "hydra/sweeper=optuna",
-        "hydra.sweeper.n_trials=3",
         "hydra.sweeper.direction=maximize",
-        "hydra.sweeper.sampler.seed=0",
-        "train.lr=tag(log, interval(1e-4, 1e-2))",
+        *overrides,
         "objective=val/accuracy",
         *TINY_TEXT,
         "logger=none",
         f"paths.results_dir={tmp_path}/results",
         f"hydra.sweep.dir={tmp_path}/sweep",
         cwd=tmp_path,
+    )
+
+
+def test_a_three_trial_optuna_lr_search_on_a_tiny_model(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e .[search]")
+    proc = optuna_search(
+        tmp_path,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.seed=0",
+        "train.lr=tag(log, interval(1e-4, 1e-2))",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
@@ -45,19 +53,8 @@ def test_a_refused_trial_is_the_worst_value_and_the_study_goes_on(tmp_path):
     """Optuna's sweeper stops a study at the first trial that returns NaN or no float: a trial whose settings are
     refused returns -inf when maximising, so the other trial still runs and is the best."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e .[search]")
-    proc = run_cli(
-        "-m",
-        "hydra/sweeper=optuna",
-        "hydra/sweeper/sampler=grid",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.direction=maximize",
-        "train.warmup_steps=choice(-1, 0)",
-        "objective=val/accuracy",
-        *TINY_TEXT,
-        "logger=none",
-        f"paths.results_dir={tmp_path}/results",
-        f"hydra.sweep.dir={tmp_path}/sweep",
-        cwd=tmp_path,
+    proc = optuna_search(
+        tmp_path, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2", "train.warmup_steps=choice(-1, 0)"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not run: ConfigError: train.warmup_steps=-1 must be >= 0" in proc.stdout
