@@ -4,6 +4,7 @@ import json
 import pickle
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -163,6 +164,13 @@ def test_scheduler_choices_are_transformers_schedulers():
 def test_non_positive_rank(compose_cfg, rank):
     with pytest.raises(ConfigError, match=f"rank={rank} must be a positive integer"):
         validate(compose_cfg(f"rank={rank}"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_device_without_cuda_is_refused_not_run_on_the_cpu(compose_cfg):
+    with pytest.raises(ConfigError, match=r"train.device=cuda but torch .* sees no CUDA device: use train.device=auto"):
+        validate(compose_cfg("train.device=cuda"))
+    validate(compose_cfg("train.device=cpu"))
 
 
 def test_model_task_modality_mismatch(compose_cfg):

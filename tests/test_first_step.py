@@ -163,7 +163,7 @@ def test_probe_leaves_model_and_rng_exactly_as_they_were(compose_cfg, tmp_path, 
     probe.before_prepare(model)
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert_same_state(model, before)
-    assert probe.lr > 0 and probe.ready
+    assert probe.lr is None and probe.w_norm > 0 and probe.ready  # lr: from ‖G‖ streamed in the variant's step
 
     model = variant.prepare(model, targets, list(cfg.model.head_modules), ctx)
     model.train(training)
@@ -172,7 +172,7 @@ def test_probe_leaves_model_and_rng_exactly_as_they_were(compose_cfg, tmp_path, 
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert_same_state(model, before)
     assert not probe.ready  # used once
-    assert len(rows) == len(targets) and all(r["lr"] == probe.lr for r in rows)
+    assert probe.lr > 0 and len(rows) == len(targets) and all(r["lr"] == probe.lr for r in rows)
     assert all(float(d.abs().max()) == 0 for d in variant.delta_weights(model).values())  # back at the init
     with pytest.raises(RuntimeError, match="before_prepare"):
         probe.after_prepare(model, variant)

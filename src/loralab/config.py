@@ -395,6 +395,15 @@ def validate(cfg: Any) -> None:
     from loralab.schedules import check_schedule  # noqa: PLC0415
 
     check_schedule(t)
+    if t.device == "cuda":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():  # accelerate would otherwise run the job on the CPU without a word
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(
+                f"train.device=cuda but torch {torch.__version__} ({build}) sees no CUDA device: use "
+                "train.device=auto (CUDA when present, else CPU) or train.device=cpu"
+            )
     for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "warmup_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0")

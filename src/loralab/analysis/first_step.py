@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from loralab.analysis.alignment import alignment
+from loralab.analysis.alignment import alignment_from_sums, fro_sums
 from loralab.analysis.lowrank import factor_svd, top_singular_values
 from loralab.analysis.updates import matrix_updates
 
@@ -101,11 +101,9 @@ def _kept_state(model: nn.Module, params: list):
         model.train(was_training)
 
 
-def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], params: list, batch: dict, consume):
-    """One eval-mode backward on `batch` that calls consume(name, G, factors) for each module as soon as its G exists
-    and keeps nothing: G = ∂L/∂W_eff from the module's input and output gradient. Only `params` require grad
-    meanwhile (so that the graph reaches every module); their gradients are freed the moment they are accumulated.
-    The model's state is restored (`_kept_state`)."""
+def _streamed_backward(model: nn.Module, modules: dict[str, nn.Module], batch: dict, consume, free: list) -> None:
+    """One backward on `batch` (the model's requires_grad and mode as they are) calling consume(name, G, factors)
+    for each module as soon as its G exists; the parameters in `free` drop their gradient the moment it accumulates."""
     handles = []
 
     def on_forward(name):
@@ -116,15 +114,23 @@ def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], para
 
         return hook
 
+    try:
+        handles += [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in free]
+        handles += [m.register_forward_hook(on_forward(n)) for n, m in modules.items()]
+        with torch.enable_grad():
+            model(**batch).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stream_layer_gradients(model: nn.Module, modules: dict[str, nn.Module], params: list, batch: dict, consume):
+    """One eval-mode backward on `batch` that calls consume(name, G, factors) for each module as soon as its G exists
+    and keeps nothing: G = ∂L/∂W_eff from the module's input and output gradient. Only `params` require grad
+    meanwhile (so that the graph reaches every module); their gradients are freed the moment they are accumulated.
+    The model's state is restored (`_kept_state`)."""
     with _kept_state(model, params):
-        try:
-            handles += [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
-            handles += [m.register_forward_hook(on_forward(n)) for n, m in modules.items()]
-            with torch.enable_grad():
-                model(**batch).loss.backward()
-        finally:
-            for h in handles:
-                h.remove()
+        _streamed_backward(model, modules, batch, consume, free=params)
 
 
 class FirstStepProbe:
@@ -147,17 +153,11 @@ class FirstStepProbe:
         self.ready = False
 
     def before_prepare(self, model) -> None:
-        """On the model the variant will then prepare: Σ‖W‖ and Σ‖G‖ over the targets fix `lr` (when not given)."""
+        """On the model the variant will then prepare: Σ‖W‖ over the targets, which with Σ‖G‖ (streamed during
+        the variant's own step, below) fixes `lr` when it is not given."""
         if self.lr is None:
             modules = _target_modules(model, self.targets)
-            norms = []
-            with torch.random.fork_rng():  # CPU and CUDA generators: the run must not shift
-                weights = [_base(m).weight for m in modules.values()]
-                stream_layer_gradients(
-                    model, modules, weights, self.batch, lambda n, G, _: norms.append(float(G.norm()))
-                )
-            w_norm = sum(float(w.detach().norm()) for w in weights)
-            self.lr = self.relative_step * w_norm / max(sum(norms), 1e-30)
+            self.w_norm = sum(float(_base(m).weight.detach().norm()) for m in modules.values())
         self.ready = True
 
     def after_prepare(self, model, variant) -> list[dict]:
@@ -168,20 +168,22 @@ class FirstStepProbe:
         if not self.ready:
             raise RuntimeError("FirstStepProbe.after_prepare needs before_prepare (on the unprepared model) first")
         self.ready = False
-        lr, modules = self.lr, _target_modules(model, self.targets)
+        modules = _target_modules(model, self.targets)
         own = {n for n, m in modules.items() if _base(m).weight.requires_grad}  # full fine-tuning: u = −lr·G
         weights = {id(_base(m).weight) for m in modules.values()}
         adapter = list({id(p): p for m in modules.values() for p in m.parameters() if p.requires_grad}.values())
         stepped = [p for p in adapter if id(p) not in weights]
         with torch.random.fork_rng():
-            updates = self._variant_step(model, variant, modules, stepped, own, lr)
-            rows = {}
+            updates = self._variant_step(model, variant, modules, adapter, stepped, own)
+            lr, rows = self.lr, {}
 
             def consume(name, G, factors):
-                u = -lr * G if name in own else updates.pop(name).dense().reshape(G.shape)
-                stats = alignment(u, -lr * G)
+                # alignment(u, −lr·G) = alignment(−u/lr, G): no second m x n matrix, and full fine-tuning's −u/lr
+                # is G itself (rel_error exactly 0)
+                v = G if name in own else updates.pop(name).dense().reshape(G.shape).mul_(-1 / lr)
+                dot, vv, total, dd = fro_sums(v, G)
+                stats = alignment_from_sums(dot, vv, total, dd)
                 top, tol = _top_energy(G, factors, 2 * variant.rank, self.tol)
-                total = float(G.square().sum())
                 rows[name] = {
                     "name": name,
                     "lr": lr,
@@ -197,21 +199,28 @@ class FirstStepProbe:
             raise RuntimeError(f"first-step probe: no gradient reached {missing[:3]} (no trainable parameter there?)")
         return [rows[n] for n in self.targets]
 
-    def _variant_step(self, model, variant, modules, params, own, lr) -> dict:
-        """ΔW of one SGD step on `params` (eval mode), as MatrixUpdates holding copies, with `params` restored."""
-        if not params:
+    def _variant_step(self, model, variant, modules, adapter, stepped, own) -> dict:
+        """ΔW of one SGD step on `stepped` (eval mode), as MatrixUpdates holding copies, with `stepped` restored.
+        Without a given lr, the same backward streams ‖G‖ per target (each G dropped at once) and fixes it."""
+        norms = []
+        measure = self.lr is None
+        if not stepped and not measure:
             return {}
-        snapshot = [p.detach().clone() for p in params]
+        snapshot = [p.detach().clone() for p in stepped]
+        keep = {id(p) for p in stepped}
         try:
-            with _kept_state(model, params):
-                with torch.enable_grad():
-                    model(**self.batch).loss.backward()
+            with _kept_state(model, adapter):
+                targets = modules if measure else {}
+                free = [p for p in adapter if id(p) not in keep]
+                _streamed_backward(model, targets, self.batch, lambda n, G, _: norms.append(float(G.norm())), free)
+                if measure:
+                    self.lr = self.relative_step * self.w_norm / max(sum(norms), 1e-30)
                 with torch.no_grad():  # torch.optim.SGD without momentum or weight decay: p ← p − lr·∂L/∂p
-                    for p in params:
+                    for p in stepped:
                         if p.grad is not None:
-                            p.add_(p.grad, alpha=-lr)
+                            p.add_(p.grad, alpha=-self.lr)
                     return {u.name: u for u in matrix_updates(model, variant) if u.name not in own}
         finally:
             with torch.no_grad():
-                for p, saved in zip(params, snapshot):
+                for p, saved in zip(stepped, snapshot):
                     p.copy_(saved)
