@@ -42,10 +42,10 @@ SIZES ?= 0.25b,1b
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py --sizes $(SIZES)
 
-# `make bench-trainer`: the default job vs the same job as HF Trainer + PEFT code (REPEATS=3)
-REPEATS ?= 3
+# `make bench-trainer`: the default job vs the same job as HF Trainer + PEFT code, one round per seed (SEEDS=0,1,2)
+SEEDS ?= 0,1,2
 bench-trainer: $(STAMP)
-	$(BIN)/python benchmarks/default_vs_trainer.py --repeats $(REPEATS)
+	$(BIN)/python benchmarks/default_vs_trainer.py --seeds $(SEEDS)
 
 gpu-check: $(STAMP)
 	PY=$(BIN)/python bash benchmarks/gpu_check.sh

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from loralab.analysis.per_run import ANALYSES, PerRunAnalysis, make_analyses
 from loralab.analysis.updates import matrix_updates
 from loralab.config import TASK_KINDS, ConfigError, target_modules, validate
+from loralab.host_memory import release_freed_memory
 from loralab.io import atomic_dir, atomic_path, write_json_atomic
 from loralab.models import build_model, build_skeleton, build_tokenizer
 from loralab.record import RESULT_FILE, RunRecord, Status, identity_of, read_record
@@ -196,6 +197,7 @@ def prepare(job: Job) -> None:
     job.record.init_time_s = round(time.perf_counter() - start, 3)
     for analysis in job.analyses:
         analysis.after_prepare(job.model, job.variant)
+    release_freed_memory()  # the init's and the probe's buffers, before the training loop's of other sizes
     job.record.params = count_parameters(job.model)
     job.record.adapted_layers = list(job.targets)
 
