@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from pathlib import Path
 
 from loralab.record import RunRecord
@@ -27,9 +28,11 @@ def wandb_run_id(identity) -> str:
 def fresh_run_id(identity, started_at: str) -> str:
     """The W&B run id of a job that starts from step 0: the identity's, plus when this start began. W&B drops every
     step below a run's current one, so a restart (overwrite=true, train.resume=false, a failed job run again) cannot
-    write into an earlier attempt's run; a job resumed from a checkpoint continues the run the checkpoint names."""
+    write into an earlier attempt's run; a job resumed from a checkpoint continues the run the checkpoint names.
+    Four random hex digits (the OS's, not a seeded generator) after the stamp: two starts within one second (a
+    restart of a seconds-long job) must not share a run."""
     stamp = "".join(c for c in started_at.split("+")[0] if c.isalnum())  # 2026-12-02T07:26:24 -> 20261202T072624
-    return f"{wandb_run_id(identity)}-{stamp}"
+    return f"{wandb_run_id(identity)}-{stamp}-{secrets.token_hex(2)}"
 
 
 def tracker_summary(record: RunRecord, cfg) -> dict:

@@ -6,9 +6,10 @@ the same batch (LoRA-GA's premise; the definitions are in `alignment`). Full fin
 model, no second `prepare` and never more than one layer's G at a time::
 
     probe = FirstStepProbe(targets, first_batch)
-    probe.before_prepare(model)                    # ‖G‖ per target (one streamed backward, scalars kept): fixes lr
+    probe.before_prepare(model)                    # Σ‖W‖ over the targets (no backward)
     model = variant.prepare(model, targets, heads, ctx)
-    rows = probe.after_prepare(model, variant)     # adapter step (snapshot, ΔW factors, restore), then G streamed
+    rows = probe.after_prepare(model, variant)     # adapter step (snapshot, ΔW factors, restore; its backward also
+                                                   # streams ‖G‖, which fixes lr), then G streamed
 
 G is read where it is exact for every variant: at each adapted layer, from its input x and its output's gradient
 (Σ_tokens ∂L/∂y·xᵀ, the gradient with respect to the layer's *effective* weight), so it does not matter how the
