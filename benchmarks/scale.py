@@ -171,7 +171,10 @@ def child(args) -> dict:
             analysis.before_prepare(model, train_batches[0])
     with meter() as m_prepare:
         batches = lambda size: iter(grad_batches)
-        ctx = PrepareContext(train_batches=batches, first_batches=batches, total_steps=2)
+        fields = PrepareContext.__dataclass_fields__  # the old code path's context has no first_batches
+        ctx = PrepareContext(
+            train_batches=batches, total_steps=2, **({"first_batches": batches} if "first_batches" in fields else {})
+        )
         model = variant.prepare(model, targets, [], ctx)
     record("gradient estimate", m_prepare, estimate_time[0])
     record("init", m_prepare, m_prepare.wall - estimate_time[0])  # the memory column: the whole prepare
@@ -284,15 +287,16 @@ def goal_lines(new: dict, peak: float, key: str) -> list[str]:
     lines = [
         f"- analyses / one training step (new): {analyses / step['wall_s']:.2f}; with the first-step probe: "
         f"{(analyses + probe) / step['wall_s']:.2f} (goal ≤ 2 at ≥ 1B)",
-        f"- new peak above the model / model bytes: {peak / model:.3f}; goal ≤ 0.25 + one step's activations "
-        f"({step[key] / model:.3f} of the model here, the training step's own peak)",
+        f"- new peak above the model: {peak / model:.3f} of the model's bytes; above the training step's own peak "
+        f"(one step's activations, {step[key] / model:.3f} of the model): {(peak - step[key]) / model:.3f} "
+        "(goal ≤ 0.25)",
     ]
     store = new.get("gradient_store_mb")
     if store and key == "rss_mb":
         rest = max(s[key] - (store if name in ("gradient estimate", "init") else 0) for name, s in stages.items())
         lines.append(
-            f"- without LoRA-GA's gradient store ({store:,.0f} MiB of fp32 G, host RAM on a GPU machine): "
-            f"{rest / model:.3f} of the model"
+            f"- without LoRA-GA's gradient store ({store:,.0f} MiB of fp32 G, host RAM on a GPU machine): peak "
+            f"{rest / model:.3f} of the model, {(rest - step[key]) / model:.3f} above the step's own"
         )
     return lines
 
