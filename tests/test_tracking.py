@@ -93,10 +93,11 @@ def test_a_fresh_start_opens_a_new_wandb_run_and_a_resumed_job_continues_its_own
     assert first.identity == second.identity == third.identity and third.resumed_from_step == 4
     assert first.wandb_run_id != second.wandb_run_id == third.wandb_run_id
     assert first.wandb_run_id.startswith(f"{wandb_run_id(first.identity)}-")
-    runs = offline_runs(tmp_path)
-    assert [r["id"] for r in runs] == [first.wandb_run_id, second.wandb_run_id, second.wandb_run_id]
-    assert not runs[0]["stats"] and {first.status, second.status, third.status} == {Status.COMPLETED}
-    norms = [r["train/grad_norm"] for r in runs[0]["history"] if "train/grad_norm" in r]
+    runs = offline_runs(tmp_path)  # named by start second, then id: two starts in one second sort by their ids
+    assert sorted(r["id"] for r in runs) == sorted([first.wandb_run_id, second.wandb_run_id, second.wandb_run_id])
+    (first_run,) = [r for r in runs if r["id"] == first.wandb_run_id]
+    assert not first_run["stats"] and {first.status, second.status, third.status} == {Status.COMPLETED}
+    norms = [r["train/grad_norm"] for r in first_run["history"] if "train/grad_norm" in r]
     assert len(norms) == 1 and norms[0] > 0  # logged at the last step although nothing is clipped
 
 

@@ -82,8 +82,8 @@ def amplification(W, dW, r: int, generator: torch.Generator | None = None) -> di
 def amplification_of_update(update, r: int, generator: torch.Generator, tol: float = 1e-6) -> dict:
     """:func:`amplification` for one :class:`~loralab.analysis.updates.MatrixUpdate`, at 7B cost: ΔW's top-r
     singular vectors from its (cached) SVD — exact from the factors for low-rank updates —, W = W0 recomputed,
-    W's top-r energy by subspace iteration to relative tolerance `tol` (``proj_W_tol``: the achieved one, larger
-    where 16 iterations do not reach `tol`, e.g. on a random matrix's flat spectrum). The products with W run in
+    W's top-r energy by block Krylov iteration to relative tolerance `tol` (``proj_W_tol``: the achieved one, larger
+    where 16 blocks do not reach `tol`, e.g. on a random matrix's flat spectrum). The products with W run in
     W's precision (fp32 for an fp32 or bf16 model, float64 for a float64 one)."""
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")

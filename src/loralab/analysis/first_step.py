@@ -72,7 +72,7 @@ def _weight_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> tuple[
 
 def _top_energy(G: torch.Tensor, factors, k: int, tol: float) -> tuple[float, float]:
     """(Σ_{i≤k} σ_i² of G, the achieved relative tolerance): exact from G = gyᵀ·x when the tokens are fewer than
-    min(out, in), else by subspace iteration (`lowrank.top_singular_values`)."""
+    min(out, in), else by block Krylov iteration (`lowrank.top_singular_values`)."""
     if factors is not None and factors[0].shape[1] < min(G.shape):
         S = factor_svd(*factors)[1]
         return float(S[:k].square().sum()), 0.0
