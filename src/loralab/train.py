@@ -89,8 +89,8 @@ class LoopState:
         vars(self).update(state)
 
 
-# optimizer steps between returns of freed host memory (host_memory): each costs a re-fault of one step's buffers,
-# ~8% of a step on the default job; every 10 steps it is under 1% and holds the heap near one step's working set
+# optimizer steps between returns of freed host memory (host_memory): each costs a re-fault of one step's buffers.
+# Default job, one run each: trims around evaluations only peaked at 2,309 MiB, adding every 10 steps at 2,217 MiB
 TRIM_EVERY = 10
 
 

@@ -76,7 +76,7 @@ def top_singular_values(
         if gram is None:
             gram = corner
         else:
-            side = rows.to(torch.float64) @ new_rows.transpose(0, 1)
+            side = rows @ new_rows.transpose(0, 1)  # rows: float64 already
             gram = torch.cat([torch.cat([gram, side], 1), torch.cat([side.transpose(0, 1), corner], 1)], 0)
         rows = new_rows if rows is None else torch.cat([rows, new_rows])
         top = torch.linalg.eigvalsh(gram).flip(0)[:k].clamp_min(0)
